@@ -1,0 +1,1 @@
+"""Custom components of the CalSAM bundle, imported by the configs as ``scripts``."""
