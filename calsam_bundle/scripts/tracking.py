@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -118,3 +119,8 @@ def _config_files(value: str) -> list[str]:
     if text.startswith("["):
         return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip()]
     return [text]
+
+
+def run_name(workflow: str, variant: str) -> str:
+    """Unique run name such as ``train-vit_b-20261204-203000``; MLFlowHandler resumes a running run of equal name."""
+    return f"{workflow}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -53,6 +53,10 @@ class CalSAMTrainer(SupervisedTrainer):
         prompt_seed: int = 0,
         **kwargs,
     ) -> None:
+        # The output holds a decode closure and per-pair tensors, not a batch that MONAI could decollate.
+        kwargs.setdefault("decollate", False)
+        # Set before the base constructor attaches the handlers: the FIP handler switches it on in attach().
+        self.features_require_grad = False
         super().__init__(*args, **kwargs)
         if image_augmentation is not None and not encoder_every_step:
             raise ValueError(
@@ -65,8 +69,6 @@ class CalSAMTrainer(SupervisedTrainer):
         self.encoder_every_step = bool(encoder_every_step)
         self.image_augmentation = image_augmentation
         self.prompt_generator = torch.Generator().manual_seed(int(prompt_seed))
-        # Set to True by the FIP handler: only then do the features need a gradient.
-        self.features_require_grad = False
 
     def _slab_features(self, slab: dict) -> torch.Tensor:
         device = self.state.device
