@@ -120,6 +120,7 @@ def load_network(path: str | Path, sam_checkpoint: str | None = None, device: st
         checkpoint=sam_checkpoint or settings.get("checkpoint"),
         num_regions=settings.get("num_regions", 3),
         init_seed=settings.get("init_seed", 0),
+        box_mask_prompt=settings.get("box_mask_prompt", False),
     )
     holder = DecoderCheckpoint(network)
     holder.load_state_dict(state)

@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from .prompts import box_masks
 from .sam_builder import build_sam, resolve_spec, spec_as_dict
 from .sam_checkpoint import load_sam_checkpoint, module_sha256
 from .sam_input import boxes_to_encoder_frame, lowres_to_native, points_to_encoder_frame, slices_to_encoder_input
@@ -29,6 +30,9 @@ class CalSAMNet(nn.Module):
         checkpoint: path to an official SAM or MedSAM checkpoint, or ``None`` for random weights.
         num_regions: number of sigmoid region channels ``K`` (3 for BraTS TC/WT/ET, 1 for a lesion).
         init_seed: seed of the random initial weights, recorded so a random-encoder model can be rebuilt.
+        box_mask_prompt: also give each box as SAM's dense mask prompt (the filled box, +1 inside and -1
+            outside, in the decoder frame). A decoder trained from scratch learns the box location from this
+            spatial input far faster than from the two corner tokens; pretrained SAM decoders do not need it.
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class CalSAMNet(nn.Module):
         checkpoint: str | None = None,
         num_regions: int = 3,
         init_seed: int = 0,
+        box_mask_prompt: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= int(num_regions) <= 3:
@@ -50,11 +55,13 @@ class CalSAMNet(nn.Module):
             load_sam_checkpoint(self.sam, checkpoint)
         self.spec = resolve_spec(variant, image_size)
         self.num_regions = int(num_regions)
+        self.box_mask_prompt = bool(box_mask_prompt)
         self.settings = {
             **spec_as_dict(variant, image_size),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "num_regions": self.num_regions,
             "init_seed": int(init_seed),
+            "box_mask_prompt": self.box_mask_prompt,
         }
         for module in (self.sam.image_encoder, self.sam.prompt_encoder):
             module.requires_grad_(False)
@@ -98,6 +105,14 @@ class CalSAMNet(nn.Module):
         """Mask-token index read for each region index in ``regions`` (see the module docstring)."""
         return regions + 1 if self.num_regions > 1 else torch.zeros_like(regions)
 
+    def _box_mask_prompt(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Rasterise encoder-frame boxes to ``(P, 1, height, width)`` dense prompts: +1 inside, -1 outside."""
+        scale = height / self.image_size
+        inside = box_masks(
+            boxes * scale, torch.ones(len(boxes), dtype=torch.bool, device=boxes.device), (height, width)
+        )
+        return inside.unsqueeze(1).to(boxes.dtype) * 2.0 - 1.0
+
     def decode(
         self,
         embeddings: torch.Tensor,
@@ -130,7 +145,8 @@ class CalSAMNet(nn.Module):
             dense = prompt_encoder.no_mask_embed.weight.reshape(1, c, 1, 1).expand(p, c, h, w)
         else:
             point_pair = None if points is None else (points, point_labels)
-            sparse, dense = prompt_encoder(points=point_pair, boxes=boxes, masks=None)
+            masks = self._box_mask_prompt(boxes, 4 * h, 4 * w) if self.box_mask_prompt and boxes is not None else None
+            sparse, dense = prompt_encoder(points=point_pair, boxes=boxes, masks=masks)
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(p, -1, -1), sparse], dim=1)
