@@ -394,7 +394,8 @@ def test_bundle_inference_command(tmp_path, model_path):
     assert set(np.unique(np.asanyarray(segmentation.dataobj))) <= {0, 1, 2, 4}
     prob = nib.load(output_dir / "case_prob.nii.gz").get_fdata()
     assert prob.shape == (*SHAPE, 3)
-    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    assert prob.min() >= 0.0
+    assert prob.max() <= 1.0
 
 
 def test_volume_network_restricts_to_roi(model_path):

@@ -1,5 +1,5 @@
-"""MONAI Label 0.8.5 round trip: its stock bundle app serves the CalSAM bundle on 127.0.0.1 and answers a
-request carrying an ROI box and clicks.
+"""MONAI Label 0.8.5 round trip: its stock bundle app serves the CalSAM bundle on 127.0.0.1 and returns a label
+for a request that carries an ROI box and clicks.
 
 The MONAI Label environment (numpy < 2, pydicom < 3) is built by ``.ci/setup_monailabel_env.sh`` outside the
 repository and reused between runs; building it the first time takes 10 to 25 minutes on 2 cores.
@@ -101,6 +101,7 @@ def server(monailabel_env, tmp_path_factory):
     app = make_app(monailabel_env, root)
     studies, affine = make_studies(root)
     port = free_port()
+
     server_options = ["--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
     # Offline: the bundle is local (zoo_source ngc downloads nothing for a local bundle) and SAM2 is off.
     offline = ["--conf", "models", "calsam_bundle", "--conf", "zoo_source", "ngc", "--conf", "sam2", "false"]
@@ -114,11 +115,13 @@ def server(monailabel_env, tmp_path_factory):
     ]
     # A private HOME keeps MONAI Label's session and cache folders out of the user's home.
     environment = dict(os.environ, HOME=str(root / "home"), PYTHONPATH="")
+
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -52,7 +52,7 @@ def find_inputs(input_path: str | Path, datalist_section: str = "testing") -> li
 
     A folder gives one case per ``.nii``/``.nii.gz`` file, its case id the file name without extension. A
     datalist section may hold image paths or objects with ``image`` (one path or a list of channel files),
-    optional ``label`` and ``case_id``; relative paths are resolved against the datalist's folder.
+    optional ``label`` and ``case_id``. Relative paths are resolved against the datalist's folder.
 
     Raises:
         FileNotFoundError: ``input_path`` does not exist.
@@ -173,7 +173,7 @@ class CaseInference:
         geometry = reference_geometry(first_image)
         if tuple(case["image"].shape[1:]) != geometry["shape"]:
             raise ValueError(
-                f"Image {first_image!r} loads as {tuple(case['image'].shape[1:])} but its header says "
+                f"Image {first_image!r} loads as {tuple(case['image'].shape[1:])} but its header gives shape "
                 f"{geometry['shape']}; store channels on the 4th axis."
             )
         prompts, prompt_source = self._prompts(item, case)

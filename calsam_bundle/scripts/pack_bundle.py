@@ -4,7 +4,7 @@ Usage, from the repository root::
 
     python calsam_bundle/scripts/pack_bundle.py --output dist/ [--zip]
 
-The packed bundle holds configs, scripts, docs, LICENSE, large_files.yml and the small files of models/. Left out
+The packed bundle contains configs, scripts, docs, LICENSE, large_files.yml and the small files of models/. Left out
 are run products and caches (``cache/``, ``eval/``, ``data/``, ``runs/``, ``__pycache__``, hidden files) and
 every file named in ``large_files.yml``, which users fetch with ``python -m monai.bundle download_large_files``.
 Packing fails when a required file is missing or a remaining file exceeds the zoo's 25 MB limit.

@@ -1,9 +1,9 @@
 """Prompts for inference: read from a JSON file, derived from a label map, automatic, or from clicks.
 
-Every prompt belongs to one (slice, region) pair of the native voxel array: ``slice_index`` counts along the
-last array axis ``D``, a box is ``[x0, y0, x1, y1]`` in pixel-edge coordinates with ``x`` along the slice's
-second axis ``W`` and ``y`` along its first axis ``H`` (the box around voxel rows ``r0..r1`` and columns
-``c0..c1`` is ``[c0, r0, c1 + 1, r1 + 1]``), and a point is ``[x, y]``, the column and row index of the clicked
+Every prompt belongs to one (slice, region) pair of the native voxel array, and ``slice_index`` counts along
+the last array axis ``D``. A box is ``[x0, y0, x1, y1]`` in pixel-edge coordinates with ``x`` along the slice's
+second axis ``W`` and ``y`` along its first axis ``H``. The box around voxel rows ``r0..r1`` and columns
+``c0..c1`` is ``[c0, r0, c1 + 1, r1 + 1]``. A point is ``[x, y]``, the column and row index of the clicked
 voxel. Point label 1 marks foreground and 0 background.
 
 Prompt file format (JSON)::

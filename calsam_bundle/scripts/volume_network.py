@@ -1,9 +1,9 @@
 """Whole-volume CalSAM network: the bundle's ``network_def`` for inference and MONAI Label.
 
-MONAI Label's bundle task calls ``network(image[None])`` with nothing but the preprocessed tensor, so the
-prompts travel as three extra channels after the image channels, the way DeepEdit carries its guidance:
-a foreground-click map, a background-click map and an ROI mask (``monailabel_prompts.AddPromptChannelsd``
-builds them from a request). A voxel of a prompt channel is set when its value is at least 0.5.
+MONAI Label's bundle task calls ``network(image[None])`` with nothing but the preprocessed tensor. The prompts
+therefore travel as three extra channels after the image channels, the way DeepEdit carries its guidance: a
+foreground-click map, a background-click map and an ROI mask. ``monailabel_prompts.AddPromptChannelsd`` builds
+them from a request. A voxel of a prompt channel is set when its value is at least 0.5.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class CalSAMVolumeNet(nn.Module):
     def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
         """Load a CalSAM decoder checkpoint (rebuilding the SAM it names if needed) or a plain state dict.
 
-        MONAI Label loads ``models/model.pt`` through this method; a CalSAM checkpoint brings its own network
+        MONAI Label loads ``models/model.pt`` through this method. A CalSAM checkpoint brings its own network
         settings, preprocessing and temperature, and its encoder hash must match the rebuilt encoder.
         """
         if not (isinstance(state_dict, Mapping) and state_dict.get("format") == FORMAT):
@@ -176,8 +176,8 @@ class CalSAMVolumeNet(nn.Module):
 
         With an ROI and ``restrict_to_roi``, only slices inside the ROI are decoded and every voxel outside the
         ROI's bounding cuboid gets probability 0, because MONAI Label clients send the ROI as the region to
-        segment; clicks on slices outside it are ignored with a warning. A volume whose prompt channels are all
-        empty is predicted in automatic mode: every region on every slice with a brain voxel, without a prompt.
+        segment. Clicks on slices outside the ROI are then ignored with a warning. A volume whose prompt channels
+        are all empty is predicted in automatic mode: every region on every slice with a brain voxel, unprompted.
         """
         b, channels, h, w, d = x.shape
         if channels <= len(PROMPT_CHANNELS):

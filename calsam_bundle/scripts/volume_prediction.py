@@ -1,8 +1,8 @@
 """Prompted prediction on a whole native volume, with no resampling, and the per-voxel predictive entropy.
 
 Training embeds only the slices that carry a label, so inference selects its own slices: those with a prompt.
-Each prompted (slice, region) pair is decoded on the native slice grid; every voxel of a region on a slice
-without a prompt for that region keeps probability 0, as in evaluation.
+Each prompted (slice, region) pair is decoded on the native slice grid. As in evaluation, every voxel of a
+region on a slice without a prompt for that region keeps probability 0.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def predict_prompted_volume(
 
 
 def bernoulli_entropy(prob: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of independent Bernoulli voxels: ``-p ln p - (1 - p) ln(1 - p)``, 0 at p in {0, 1}.
+    """Compute the entropy in nats of independent Bernoulli voxels, ``-p ln p - (1 - p) ln(1 - p)``, 0 at p in {0, 1}.
 
     The maximum, ``ln 2 = 0.693`` nats (1 bit), is reached at p = 0.5.
     """

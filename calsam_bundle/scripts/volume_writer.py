@@ -1,6 +1,6 @@
 """Write NIfTI outputs on the voxel grid of an input image, and JSON sidecars, each atomically.
 
-An output gets the input's affine, qform and sform with their codes, and voxel size; its array is the
+An output gets the input's affine, qform and sform with their codes, and its voxel size. Its array is the
 network's native array, never resampled or reoriented. Each file is written under a temporary name in the
 target folder and renamed, so a killed run leaves either a complete file or none.
 """
