@@ -10,16 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from synthetic_cases import write_cases
 
 BUNDLE = Path(__file__).resolve().parents[1] / "calsam_bundle"
 
 
 def _run_bundle(run_id: str, configs: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(configs),
-               "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-               "--logging_file", str(BUNDLE / "configs" / "logging.conf")]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        str(configs),
+        "--meta_file",
+        str(BUNDLE / "configs" / "metadata.json"),
+        "--logging_file",
+        str(BUNDLE / "configs" / "logging.conf"),
+    ]
     environment = dict(os.environ, PYTHONPATH=str(BUNDLE))
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
 
@@ -81,10 +90,10 @@ def test_evaluate_writes_report_per_domain(trained_bundle):
     assert evaluation.returncode == 0, evaluation.stderr[-4000:]
     folder = root / "eval" / "evaluation"
     summary = json.loads((folder / "summary.json").read_text())
-    assert set(summary["domains"]) == {"scanner_a", "scanner_b"}
+    assert set(summary["metrics"]) == {"scanner_a", "scanner_b"}
     for domain in ("scanner_a", "scanner_b"):
         for region in ("TC", "WT", "ET"):
-            metrics = summary["domains"][domain][region]
+            metrics = summary["metrics"][domain][region]
             assert 0.0 <= metrics["dice"]["mean"] <= 1.0
             assert metrics["hd95_mm"]["mean"] >= 0.0
             assert metrics["ece_box"]["count"] >= 1

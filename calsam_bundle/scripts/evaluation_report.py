@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 
-import torch
 from ignite.engine import Engine, Events
 
 from .case_metrics import evaluate_case
+from .reliability import add_case_bins
 from .report import write_report
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class CaseReportHandler:
         self.run_name = run_name
         self.headline_domains = headline_domains
         self.rows: list[dict] = []
-        self.bin_stats: dict = defaultdict(lambda: None)
+        self.bin_stats: dict = {}
         self.summary: dict | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -83,14 +82,7 @@ class CaseReportHandler:
         domain = str(output["domain"])
         for row in rows:
             self.rows.append({"case_id": output["case_id"], "domain": domain, **row})
-        for set_name, stats in bins.items():
-            for channel, region in enumerate(self.region_names):
-                key = (domain, region, set_name)
-                current = {name: torch.as_tensor(value)[channel].double() for name, value in stats.items()}
-                previous = self.bin_stats.get(key)
-                self.bin_stats[key] = (
-                    current if previous is None else {name: previous[name] + current[name] for name in current}
-                )
+        add_case_bins(self.bin_stats, bins, domain=domain, region_names=self.region_names)
 
     def _write(self, engine: Engine) -> None:
         run = None
@@ -103,6 +95,7 @@ class CaseReportHandler:
                 str(self.output_dir),
                 settings=self.settings,
                 mlflow_run=run,
+                box_margin=self.box_margin,
             )
         finally:
             if run is not None:
@@ -126,7 +119,7 @@ class CaseReportHandler:
     def _log_headline(self) -> None:
         if not self.summary:
             return
-        domains = self.summary.get("domains", {})
+        domains = self.summary.get("metrics", {})
         for domain in self.headline_domains or sorted(domains):
             for region, metrics in domains.get(domain, {}).items():
                 logger.info(
