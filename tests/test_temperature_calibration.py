@@ -4,13 +4,13 @@ import math
 
 import torch
 from ignite.engine import Engine
+from synthetic_cases import write_cases
 
 from scripts.cases import load_datalist, prepare_cases
 from scripts.decoder_checkpoint import DecoderCheckpoint, read_checkpoint
 from scripts.embedding_store import EmbeddingStore
 from scripts.network import CalSAMNet
 from scripts.temperature_calibration import TemperatureCalibrationHandler, collect_validation_logits
-from synthetic_cases import write_cases
 
 
 def _prepared(tmp_path, network):
