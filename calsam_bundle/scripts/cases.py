@@ -14,6 +14,7 @@ import torch
 from monai.transforms import LoadImage
 from tqdm import tqdm
 
+from .datalist_checks import replace_nonfinite
 from .embedding_store import EmbeddingStore
 from .prompts import boxes_from_masks
 from .regions import check_label_values, get_convention, label_to_regions
@@ -66,16 +67,17 @@ def spacing_from_affine(affine: torch.Tensor) -> tuple[float, float, float]:
     return tuple(float(v) for v in torch.linalg.norm(affine[:3, :3], dim=0))
 
 
-def load_case(item: dict, label_convention: str = "brats2021") -> dict:
+def load_case(item: dict, label_convention: str = "brats2021", nonfinite: str = "error") -> dict:
     """Load one case's image ``(C, H, W, D)``, region channels ``(K, H, W, D)`` and brain mask ``(H, W, D)``.
 
     The brain mask is the ``brain_mask`` file when the item names one, otherwise voxels where any image channel
-    is non-zero, which matches skull-stripped data such as BraTS and the phantom.
+    is non-zero, which matches skull-stripped data such as BraTS and the phantom. ``nonfinite`` is the policy for
+    NaN or infinite image voxels: ``"error"`` raises, ``"zero"`` replaces them by 0 and logs file and count.
     """
     loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
     image = loader(item["image"])
     affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    image = torch.as_tensor(image).float()
+    image = replace_nonfinite(torch.as_tensor(image).float(), nonfinite, item["image"])
     case = {
         "case_id": item["case_id"],
         "domain": item.get("domain", "unknown"),
@@ -129,8 +131,9 @@ def prepare_case(
     slice_margin: int = 1,
     percentiles: tuple[float, float] = (0.5, 99.5),
     keep_volume: bool = False,
+    nonfinite: str = "error",
 ) -> dict:
-    """Load a case and embed its target slices.
+    """Load a case and embed its target slices; ``nonfinite`` is passed to ``load_case``.
 
     Returns:
         A dict with ``case_id``, ``domain``, ``spacing``, ``affine``, ``shape`` ``(H, W, D)``, ``slice_index``
@@ -138,7 +141,7 @@ def prepare_case(
         ``regions`` ``(T, K, H, W)`` uint8, ``boxes`` ``(T, K, 4)`` and ``valid`` ``(T, K)``; with
         ``keep_volume`` also ``volume_regions`` ``(K, H, W, D)`` and ``brain`` ``(H, W, D)`` for evaluation.
     """
-    case = load_case(item, label_convention)
+    case = load_case(item, label_convention, nonfinite)
     if "regions" not in case:
         raise ValueError(f"Case {item['case_id']!r} has no 'label'; training and evaluation need one.")
     regions, brain = case["regions"], case["brain"]
