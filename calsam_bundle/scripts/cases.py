@@ -131,9 +131,12 @@ def prepare_case(
     slice_margin: int = 1,
     percentiles: tuple[float, float] = (0.5, 99.5),
     keep_volume: bool = False,
+    embed: bool = True,
     nonfinite: str = "error",
 ) -> dict:
     """Load a case and embed its target slices; ``nonfinite`` is passed to ``load_case``.
+
+    ``embed=False`` skips the encoder, for training that encodes augmented slices on every step.
 
     Returns:
         A dict with ``case_id``, ``domain``, ``spacing``, ``affine``, ``shape`` ``(H, W, D)``, ``slice_index``
@@ -158,7 +161,7 @@ def prepare_case(
         "shape": tuple(regions.shape[1:]),
         "slice_index": index,
         "slices": slices,
-        "embeddings": store.get(slices.float()) if len(index) else torch.zeros(0),
+        "embeddings": store.get(slices.float()) if len(index) and embed else torch.zeros(0),
         "regions": slice_regions.to(torch.uint8),
         "boxes": boxes,
         "valid": valid,
