@@ -48,8 +48,10 @@ def trained_bundle(tmp_path_factory):
         "sam_image_size": 256,
         "sam_checkpoint": None,
         "max_epochs": 2,
-        "fip": {"weight": 0.1, "warmup_epochs": 0, "estimator": "exact", "fisher": "sampled", "enabled": True},
-        "cmp": {"weight": 0.5, "warmup_epochs": 0, "tau": 0.5, "gamma": 2.0, "beta": 1.0, "enabled": True},
+        "fip#weight": 0.1,
+        "fip#warmup_epochs": 0,
+        "cmp#weight": 0.5,
+        "cmp#warmup_epochs": 0,
     }
     override_path = root / "tiny.yaml"
     override_path.write_text(yaml.safe_dump(override))
@@ -79,6 +81,8 @@ def test_penalties_logged_every_iteration(trained_bundle):
     assert any(key.endswith("fip") for key in keys)
     assert any(key.endswith("cmp") for key in keys)
     assert "val_mean_dice" in keys
+    assert "val_hd95_mm" in keys
+    assert "val_ece_box" in keys
     assert fip_steps == loss_steps > 0
     assert params["fip/weight"] == "0.1"
     assert params["cmp/weight"] == "0.5"
