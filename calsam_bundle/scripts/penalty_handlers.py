@@ -21,6 +21,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from .cmp import confidence_misalignment_terms, validate_cmp_parameters
+from .distributed import get_rank
 from .fip import FisherPenalty
 from .penalty_schedule import PenaltySchedule
 
@@ -141,7 +142,8 @@ class FisherPenaltyHandler(_PenaltyHandler):
             engine.features_require_grad = True
 
     def compute(self, output: dict, engine: Engine) -> torch.Tensor:
-        rank = getattr(engine.state, "rank", 0) or 0
+        # Each rank draws its own Fisher labels and directions, so DDP averages independent estimates.
+        rank = get_rank()
         return self.penalty(output, engine.state.iteration, rank=rank)
 
 
