@@ -221,3 +221,56 @@ def test_grid_file_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"seeds": [0], "methods": {"a": {"model_from": "missing"}}}))
     with pytest.raises(ValueError, match="model_from 'missing'"):
         load_grid(bad, BUNDLE)
+
+
+def test_runner_end_to_end(tmp_path):
+    """Train one method and evaluate it plus a model_from method through monai.bundle; a re-run skips both."""
+    from synthetic_cases import write_cases
+
+    from scripts.grid import main
+
+    datalist = write_cases(tmp_path / "data", count=8)
+    grid_file = tmp_path / "tiny_grid.yaml"
+    content = {
+        "output_dir": str(tmp_path / "grid"),
+        "experiment_name": "tiny-grid",
+        "seeds": [0],
+        "train_configs": ["configs/train.yaml"],
+        "evaluate_configs": ["configs/train.yaml", "configs/evaluate.yaml"],
+        "overrides": {
+            "datalist": datalist,
+            "source_domains": ["scanner_a"],
+            "val_fraction": 0.25,
+            "test_fraction": 0.25,
+            "device": "$torch.device('cpu')",
+            "sam_variant": "small",
+            "sam_image_size": 256,
+            "sam_checkpoint": None,
+            "max_epochs": 1,
+            "loss": {"_target_": "scripts.calibration_losses.MarginLabelSmoothingLoss"},
+        },
+        "methods": {
+            "mbls": {"label": "MbLS", "overrides": {"fip#enabled": False, "cmp#enabled": False}},
+            "temperature": {"label": "TS", "model_from": "mbls", "evaluate_overrides": {"apply_temperature": True}},
+        },
+        "report": {"baseline": "mbls", "proposed": "temperature", "comparisons": [["temperature", "mbls"]]},
+    }
+    grid_file.write_text(yaml.safe_dump(content))
+
+    assert main(["--grid", str(grid_file), "--threads", "1"]) == 0
+    grid = load_grid(grid_file, BUNDLE)
+    runs = {run.name: run for run in plan_runs(grid)}
+    trained = runs["mbls-seed0"].folder / "trained.json"
+    done = runs["temperature-seed0"].folder / "done.json"
+    assert trained.is_file()
+    assert done.is_file()
+    summary = json.loads((runs["temperature-seed0"].folder / "eval" / "evaluation" / "summary.json").read_text())
+    assert summary["settings"]["temperature"] is not None
+    assert "| MbLS |" in (grid.output_dir / "results.md").read_text()
+    with sqlite3.connect(grid.output_dir / "mlruns.db") as database:
+        names = {row[0] for row in database.execute("SELECT name FROM runs")}
+    assert {"train-mbls-seed0", "evaluate-mbls-seed0", "evaluate-temperature-seed0", "grid-report"} <= names
+
+    stamps = (trained.stat().st_mtime_ns, done.stat().st_mtime_ns)
+    assert main(["--grid", str(grid_file), "--threads", "1"]) == 0
+    assert (trained.stat().st_mtime_ns, done.stat().st_mtime_ns) == stamps
