@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import CalibrationErrorMetric
 
-import scripts.calibration as calibration
+from scripts import calibration_kernels
 from scripts.calibration import (
     NLL_EPS,
     adaptive_calibration_error,
@@ -194,15 +194,60 @@ def test_compute_calibration_matches_functions():
     assert torch.allclose(result.nll, negative_log_likelihood(prob, label, mask), atol=1e-15)
 
 
-def test_blocks_do_not_change_sums(monkeypatch):
-    prob, label = _random_case(seed=6)
-    mask = torch.rand(prob.shape, generator=torch.Generator().manual_seed(7)) < 0.7
-    whole = compute_calibration(prob, label, mask)
-    monkeypatch.setattr(calibration, "_BLOCK_VOXELS", 37)  # dozens of blocks per channel, uneven last blocks
-    blocked = compute_calibration(prob, label, mask)
-    assert torch.equal(whole.bins["count"], blocked.bins["count"])
-    assert torch.allclose(whole.bins["conf_sum"], blocked.bins["conf_sum"], atol=1e-9)
-    assert torch.allclose(whole.nll, blocked.nll, atol=1e-12)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bin_statistics_match_numpy_bincount(dtype):
+    # Independent reference: top-label confidence, bin index and sums with numpy in float64.
+    generator = torch.Generator().manual_seed(6)
+    prob = torch.rand((3, 5000), generator=generator, dtype=torch.float64).to(dtype)
+    prob[0, :50] = 1.0
+    prob[1, :50] = 0.0
+    label = torch.rand(prob.shape, generator=generator) < 0.5
+    mask = torch.rand(prob.shape, generator=generator) < 0.7
+    bins = bin_statistics(prob, label, mask, n_bins=10)
+    p = prob.numpy()
+    confidence = np.maximum(p, 1 - p).astype(np.float64)
+    correct = (p >= 0.5) == label.numpy()
+    index = np.minimum(np.floor(confidence * 10).astype(int), 9)
+    for k in range(3):
+        keep = mask[k].numpy()
+        count = np.bincount(index[k][keep], minlength=10)
+        conf_sum = np.bincount(index[k][keep], weights=confidence[k][keep], minlength=10)
+        correct_sum = np.bincount(index[k][keep], weights=correct[k][keep], minlength=10)
+        np.testing.assert_array_equal(bins["count"][k].numpy(), count)
+        np.testing.assert_allclose(bins["conf_sum"][k].numpy(), conf_sum, rtol=1e-12)
+        np.testing.assert_array_equal(bins["correct_sum"][k].numpy(), correct_sum)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_fallback_equals_compiled_loop(dtype):
+    # Environments without numba get the numpy path; both must give the same statistics.
+    generator = np.random.default_rng(3)
+    prob = generator.random((2, 4000)).astype(dtype)
+    prob[0, :20] = 1.0
+    label = generator.random((2, 4000)) < 0.4
+    mask = generator.random((2, 4000)) < 0.6
+    for chosen in (None, mask):
+        compiled = calibration_kernels.bin_sums(prob, label, chosen, 12)
+        fallback = calibration_kernels._numpy_bin_sums(prob, label.view(np.uint8), chosen, 12)
+        np.testing.assert_array_equal(compiled[0], fallback[0])
+        np.testing.assert_allclose(compiled[1], fallback[1], rtol=1e-12)
+        np.testing.assert_array_equal(compiled[2], fallback[2])
+
+
+def test_float32_confidence_sums_do_not_depend_on_order():
+    # float32 confidences are summed as integers, so any permutation gives bit-identical sums.
+    prob, label = _random_case(n_voxels=20000, seed=8)
+    order = torch.randperm(prob.shape[1], generator=torch.Generator().manual_seed(9))
+    direct = bin_statistics(prob, label)
+    shuffled = bin_statistics(prob[:, order], label[:, order])
+    assert torch.equal(direct["conf_sum"], shuffled["conf_sum"])
+    assert torch.equal(direct["count"], shuffled["count"])
+
+
+def test_nan_probability_is_named():
+    prob = torch.tensor([[0.2, 0.7], [0.4, float("nan")]])
+    with pytest.raises(ValueError, match=r"value nan at flat index 3"):
+        expected_calibration_error(prob, torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_numpy_inputs_accepted():

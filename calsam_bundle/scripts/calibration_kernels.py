@@ -1,0 +1,130 @@
+"""Compiled one-pass binning of top-label confidences, the inner loop of ECE, MCE and reliability diagrams.
+
+``bin_sums(prob, label, mask, n_bins)`` reads every voxel once and adds it to its equal-width bin:
+
+- ``prob`` ``(K, N)`` float32 or float64, ``label`` ``(K, N)`` bool, ``mask`` ``(K, N)`` bool or ``None``;
+- returns ``count`` and ``correct`` ``(K, n_bins)`` int64 and ``conf_sum`` ``(K, n_bins)`` float64.
+
+Why a compiled loop: a tensor formulation needs about eight full passes over the volume (``1 - p``, the
+maximum, the comparison with the label, the bin index, its clamp, three bincounts) and allocates as many
+volume-sized temporaries. On a 240 x 240 x 155 x 3 volume those passes cost 5 to 10 times the time of one
+fused loop on the 2-core development machine. The loop also skips voxels outside ``mask`` where they lie,
+so a voxel set needs no gather.
+
+Exactness. For float32 ``prob`` the confidence ``c = max(p, 1 - p)`` is computed in float32, as the tensor code
+in ``calibration.py`` does, and lies in [0.5, 1]. There every float32 value is an integer multiple of
+``2**-24``. The kernel adds the integers ``c * 2**24``, held in float64, which is exact while a bin's sum
+stays below 2**53, that is for fewer than 2**29 voxels per bin; so the confidence sums do not depend on the
+order of the voxels. For float64 ``prob`` the sums are float64. The bin of ``c`` is
+``floor(c * n_bins)`` computed in float64, which is exact for float32 ``c``, with ``c = 1`` put in the last bin.
+
+Speed. Voxels alternate between two accumulator rows, so two consecutive voxels in the same bin do not wait
+for each other's memory update; background voxels, nearly all in the last bin, would otherwise form one long
+dependency chain. Correctness and the bin share one counter index (``2 * bin + correct``), which saves an
+update per voxel. ``numba`` compiles the loop on first use and caches the machine code beside this file
+(or in ``NUMBA_CACHE_DIR``). It is imported only then, and without numba the same sums come from numpy
+bincounts, several times slower, so an environment without it (MONAI Label's) still evaluates.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# c * 2**24 is an integer for every float32 c in [0.5, 1].
+_FLOAT32_SCALE = float(1 << 24)
+_LANES = 2
+
+
+def bin_sums(
+    prob: np.ndarray, label: np.ndarray, mask: np.ndarray | None, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``count``, ``conf_sum`` and ``correct`` per channel and bin; see the module docstring.
+
+    Raises:
+        ValueError: a probability is NaN or outside [0, 1]; the message gives the first such value.
+    """
+    n_channels = prob.shape[0]
+    label = np.ascontiguousarray(label).view(np.uint8)
+    use_mask = mask is not None
+    mask = np.ascontiguousarray(mask).view(np.uint8) if use_mask else np.ones((n_channels, 0), dtype=np.uint8)
+    prob = np.ascontiguousarray(prob)
+    if prob.dtype not in (np.float32, np.float64):
+        raise TypeError(f"prob must be float32 or float64 for binning, got {prob.dtype}; convert it first.")
+    scale = _FLOAT32_SCALE if prob.dtype == np.float32 else 1.0
+    hist = np.zeros((n_channels, _LANES, 2 * n_bins), dtype=np.int64)
+    conf = np.zeros((n_channels, _LANES, n_bins), dtype=np.float64)
+    kernel = _kernel()
+    if kernel is None:
+        return _numpy_bin_sums(prob, label, mask if use_mask else None, n_bins)
+    bad = kernel(prob, label, mask, use_mask, n_bins, scale, hist, conf)
+    conf_sum = conf.sum(axis=1) / scale
+    if bad >= 0:
+        value = prob.reshape(-1)[bad]
+        raise ValueError(
+            f"prob must contain probabilities in [0, 1], got the value {value} at flat index {bad}; "
+            "apply a sigmoid to logits first."
+        )
+    pairs = hist.sum(axis=1).reshape(n_channels, n_bins, 2)
+    return pairs.sum(axis=2), conf_sum, pairs[:, :, 1].copy()
+
+
+@functools.cache
+def _kernel():
+    """Compile the loop on first use, or load it from numba's cache; ``None`` when numba is not installed."""
+    try:
+        import numba
+    except ImportError:
+        logger.warning("numba is not installed: calibration bins use numpy, several times slower (pip install numba).")
+        return None
+    return numba.njit(cache=True, nogil=True)(_accumulate)
+
+
+def _numpy_bin_sums(prob, label, mask, n_bins):
+    """The same sums with numpy, for environments without numba (MONAI Label's, for one)."""
+    if not np.all((prob >= 0) & (prob <= 1)):  # NaN fails the comparisons too
+        bad = int(np.flatnonzero(~((prob >= 0) & (prob <= 1)))[0])
+        raise ValueError(
+            f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[bad]} at flat index "
+            f"{bad}; apply a sigmoid to logits first."
+        )
+    n_channels = prob.shape[0]
+    count = np.zeros((n_channels, n_bins), dtype=np.int64)
+    conf_sum = np.zeros((n_channels, n_bins))
+    correct = np.zeros((n_channels, n_bins), dtype=np.int64)
+    for k in range(n_channels):
+        p = prob[k] if mask is None else prob[k][mask[k].astype(bool)]
+        y = label[k] if mask is None else label[k][mask[k].astype(bool)]
+        confidence = np.maximum(p, 1 - p)  # in the dtype of prob, as the compiled loop computes it
+        index = np.minimum((confidence.astype(np.float64) * n_bins).astype(np.int64), n_bins - 1)
+        count[k] = np.bincount(index, minlength=n_bins)
+        conf_sum[k] = np.bincount(index, weights=confidence.astype(np.float64), minlength=n_bins)
+        correct[k] = np.bincount(index[(p >= 0.5) == y.astype(bool)], minlength=n_bins)
+    return count, conf_sum, correct
+
+
+def _accumulate(prob, label, mask, use_mask, n_bins, scale, hist, conf):
+    """Add every voxel to ``hist`` and ``conf``; return the flat index of the first invalid probability, or -1."""
+    one = prob.dtype.type(1.0)
+    half = prob.dtype.type(0.5)
+    n_channels, n_voxels = prob.shape
+    for k in range(n_channels):
+        probs, labels = prob[k], label[k]
+        for i in range(n_voxels):
+            if use_mask and mask[k, i] == 0:
+                continue
+            q = probs[i]
+            if not (q >= 0 and q <= 1):  # NaN fails both comparisons
+                return k * n_voxels + i
+            c = max(q, one - q)
+            wide = np.float64(c)
+            b = min(int(wide * n_bins), n_bins - 1)
+            correct = np.int64(q >= half) ^ np.int64(labels[i]) ^ 1
+            lane = i & 1
+            hist[k, lane, 2 * b + correct] += 1
+            conf[k, lane, b] += wide * scale
+    return -1
