@@ -151,7 +151,7 @@ def test_reliability_diagrams_are_png(report):
 def test_markdown_table(report):
     folder, _ = report
     text = (folder / "report.md").read_text()
-    assert "| Domain | Region | Cases | Dice | HD95 (mm) | ECE (box) |" in text
+    assert "| Domain | Region | Cases | Dice | Dice, box fill | HD95 (mm) | ECE (box) |" in text
     assert text.count("| siemens |") == K
     assert "±" in text
 
@@ -267,3 +267,18 @@ def test_aggregate_mean_over_cases():
     finite = values[~torch.isnan(values)]
     assert metric.aggregate().item() == pytest.approx(finite.mean().item(), abs=1e-12)
     assert finite.numel() == 5
+
+
+def test_box_fill_dice_hand_computed():
+    # One region: a 2 x 2 lesion on one slice inside a 4 x 4 prompt box. Filling the box gives
+    # Dice = 2 * 4 / (16 + 4) = 0.4, whatever the network predicts.
+    label = torch.zeros((1, 8, 8, 3), dtype=torch.bool)
+    label[0, 2:4, 2:4, 1] = True
+    box = torch.zeros_like(label)
+    box[0, 1:5, 1:5, 1] = True
+    prob = torch.full(label.shape, 0.2)
+    rows, _ = evaluate_case(
+        prob, label, box, torch.ones((8, 8, 3), dtype=torch.bool), (1.0, 1.0, 1.0), region_names=["lesion"]
+    )
+    assert rows[0]["dice_box_fill"] == pytest.approx(0.4, abs=1e-12)
+    assert rows[0]["dice"] == pytest.approx(0.0, abs=1e-12)

@@ -52,7 +52,7 @@ __all__ = [
 
 def metric_columns(voxel_sets: Sequence[str] = VOXEL_SET_NAMES) -> list[str]:
     """Return the metric keys of an ``evaluate_case`` row in table order."""
-    columns = ["dice", "hd95_mm", "assd_mm"]
+    columns = ["dice", "dice_box_fill", "hd95_mm", "assd_mm"]
     for name in voxel_sets:
         columns += [f"{metric}_{name}" for metric in CALIBRATION_METRICS] + [f"n_voxels_{name}"]
     return columns
@@ -71,7 +71,8 @@ def evaluate_case(
 ) -> tuple[list[dict], dict[str, BinStatistics]]:
     """Compute overlap, surface distance and calibration metrics of one case, per region.
 
-    The prediction is ``prob >= 0.5``. Calibration metrics are computed over every voxel set of
+    The prediction is ``prob >= 0.5``. ``dice_box_fill`` is the Dice of the prompt boxes themselves, filled, as
+    a reference predictor that uses no network. Calibration metrics are computed over every voxel set of
     ``voxel_sets.VOXEL_SET_NAMES``.
 
     Args:
@@ -108,7 +109,15 @@ def evaluate_case(
     pred = prob >= 0.5
     dice_values = dice(pred, label)
     hd95, assd = surface_distances_mm(pred, label, spacing)
-    columns: dict[str, torch.Tensor] = {"dice": dice_values, "hd95_mm": hd95, "assd_mm": assd}
+    # The prompt alone as a predictor: every prompt box filled. A decoder that does not beat it has learned
+    # nothing beyond the box it was given.
+    box_fill = dice(as_bool_tensor("box_mask", box_mask), label)
+    columns: dict[str, torch.Tensor] = {
+        "dice": dice_values,
+        "dice_box_fill": box_fill,
+        "hd95_mm": hd95,
+        "assd_mm": assd,
+    }
 
     sets = build_voxel_sets(label, prob, box_mask, brain_mask, box_margin)
     flat_prob, flat_label = prob.reshape(k, -1), label.reshape(k, -1)

@@ -123,10 +123,11 @@ class CaseReportHandler:
         for domain in self.headline_domains or sorted(domains):
             for region, metrics in domains.get(domain, {}).items():
                 logger.info(
-                    "%s %s: Dice %.3f, HD95 %.2f mm, ECE(box) %.4f over %s cases.",
+                    "%s %s: Dice %.3f (prompt box filled: %.3f), HD95 %.2f mm, ECE(box) %.4f over %s cases.",
                     domain,
                     region,
                     _mean(metrics, "dice"),
+                    _mean(metrics, "dice_box_fill"),
                     _mean(metrics, "hd95_mm"),
                     _mean(metrics, "ece_box"),
                     metrics.get("dice", {}).get("count"),

@@ -51,6 +51,7 @@ ID_COLUMNS = ("case_id", "domain", "region")
 # (row key, column title, decimals) of the Markdown table.
 TABLE_COLUMNS = (
     ("dice", "Dice", 3),
+    ("dice_box_fill", "Dice, box fill", 3),
     ("hd95_mm", "HD95 (mm)", 2),
     ("ece_box", "ECE (box)", 4),
     ("ace_box", "ACE (box)", 4),
@@ -196,6 +197,7 @@ def _markdown(summary: Mapping, diagrams: Sequence[str]) -> str:
             lines.append(f"| {domain} | {region} | {summary['n_cases'][domain]} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "- Dice, box fill: the Dice of the prompt boxes themselves, filled, a reference predictor without a network.",
         f"- Dice with empty masks: {summary['dice_empty_policy']}",
         f"- HD95 and ASSD with empty masks: {summary['distance_empty_policy']}",
         f"- Confidence bins: {summary['n_bins']}; box margin (H, W, D voxels): {summary['box_margin']}.",
