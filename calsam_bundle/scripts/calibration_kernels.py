@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 # c * 2**24 is an integer for every float32 c in [0.5, 1].
 _FLOAT32_SCALE = float(1 << 24)
 _LANES = 2
+# Voxels per parallel task: large enough that a task's start-up cost is negligible, small enough that a
+# BraTS volume (8.9 million voxels per channel) splits into several tasks per channel for two or more threads.
+_CHUNK_VOXELS = 1 << 20
+# ``range`` until ``_kernel`` imports numba and swaps in ``numba.prange``, so this module imports without numba.
+_prange = range
 
 
 def bin_sums(
@@ -56,32 +61,46 @@ def bin_sums(
     if prob.dtype not in (np.float32, np.float64):
         raise TypeError(f"prob must be float32 or float64 for binning, got {prob.dtype}; convert it first.")
     scale = _FLOAT32_SCALE if prob.dtype == np.float32 else 1.0
-    hist = np.zeros((n_channels, _LANES, 2 * n_bins), dtype=np.int64)
-    conf = np.zeros((n_channels, _LANES, n_bins), dtype=np.float64)
     kernel = _kernel()
     if kernel is None:
         return _numpy_bin_sums(prob, label, mask if use_mask else None, n_bins)
-    bad = kernel(prob, label, mask, use_mask, n_bins, scale, hist, conf)
-    conf_sum = conf.sum(axis=1) / scale
-    if bad >= 0:
-        value = prob.reshape(-1)[bad]
+    n_voxels = prob.shape[1]
+    chunks = max(1, -(-n_voxels // _CHUNK_VOXELS))
+    hist = np.zeros((n_channels * chunks, _LANES, 2 * n_bins), dtype=np.int64)
+    conf = np.zeros((n_channels * chunks, _LANES, n_bins), dtype=np.float64)
+    bad = np.full(n_channels * chunks, -1, dtype=np.int64)
+    _set_threads()
+    kernel(prob, label, mask, use_mask, n_bins, scale, _CHUNK_VOXELS, hist, conf, bad)
+    if (bad >= 0).any():
+        first = int(bad[bad >= 0].min())
         raise ValueError(
-            f"prob must contain probabilities in [0, 1], got the value {value} at flat index {bad}; "
-            "apply a sigmoid to logits first."
+            f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[first]} at flat index "
+            f"{first}; apply a sigmoid to logits first."
         )
-    pairs = hist.sum(axis=1).reshape(n_channels, n_bins, 2)
+    conf_sum = conf.reshape(n_channels, chunks * _LANES, n_bins).sum(axis=1) / scale
+    pairs = hist.reshape(n_channels, chunks * _LANES, n_bins, 2).sum(axis=1)
     return pairs.sum(axis=2), conf_sum, pairs[:, :, 1].copy()
+
+
+def _set_threads() -> None:
+    """Use as many threads as torch does, so ``torch.set_num_threads`` governs the whole evaluation."""
+    import numba
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
 @functools.cache
 def _kernel():
     """Compile the loop on first use, or load it from numba's cache; ``None`` when numba is not installed."""
+    global _prange
     try:
         import numba
     except ImportError:
         logger.warning("numba is not installed: calibration bins use numpy, several times slower (pip install numba).")
         return None
-    return numba.njit(cache=True, nogil=True)(_accumulate)
+    _prange = numba.prange
+    return numba.njit(cache=True, nogil=True, parallel=True)(_accumulate)
 
 
 def _numpy_bin_sums(prob, label, mask, n_bins):
@@ -107,24 +126,30 @@ def _numpy_bin_sums(prob, label, mask, n_bins):
     return count, conf_sum, correct
 
 
-def _accumulate(prob, label, mask, use_mask, n_bins, scale, hist, conf):
-    """Add every voxel to ``hist`` and ``conf``; return the flat index of the first invalid probability, or -1."""
+def _accumulate(prob, label, mask, use_mask, n_bins, scale, chunk, hist, conf, bad):
+    """Add every voxel to the ``hist`` and ``conf`` rows of its (channel, chunk) task, in parallel over tasks.
+
+    ``bad[task]`` receives the flat index of the task's first invalid probability, which stops that task.
+    """
     one = prob.dtype.type(1.0)
     half = prob.dtype.type(0.5)
     n_channels, n_voxels = prob.shape
-    for k in range(n_channels):
+    chunks = hist.shape[0] // n_channels
+    for task in _prange(n_channels * chunks):
+        k = task // chunks
+        start = (task % chunks) * chunk
         probs, labels = prob[k], label[k]
-        for i in range(n_voxels):
+        for i in range(start, min(start + chunk, n_voxels)):
             if use_mask and mask[k, i] == 0:
                 continue
             q = probs[i]
             if not (q >= 0 and q <= 1):  # NaN fails both comparisons
-                return k * n_voxels + i
+                bad[task] = k * n_voxels + i
+                break
             c = max(q, one - q)
             wide = np.float64(c)
             b = min(int(wide * n_bins), n_bins - 1)
             correct = np.int64(q >= half) ^ np.int64(labels[i]) ^ 1
             lane = i & 1
-            hist[k, lane, 2 * b + correct] += 1
-            conf[k, lane, b] += wide * scale
-    return -1
+            hist[task, lane, 2 * b + correct] += 1
+            conf[task, lane, b] += wide * scale
