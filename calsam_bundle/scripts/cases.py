@@ -44,7 +44,7 @@ def load_datalist(path: str | Path, section: str = "training") -> list[dict]:
         for key in ("image", "label", "brain_mask"):
             if key in item and item[key] is not None:
                 item[key] = _resolve(item[key], path.parent)
-        item.setdefault("case_id", _case_id(item["image"], position))
+        item.setdefault("case_id", case_id_from_image(item["image"], position))
         items.append(item)
     return items
 
@@ -56,7 +56,8 @@ def _resolve(value, folder: Path):
     return str(candidate if candidate.is_absolute() else folder / candidate)
 
 
-def _case_id(image, position: int) -> str:
+def case_id_from_image(image, position: int) -> str:
+    """Case name from the (first) image file name without its suffixes, or ``case_<position>`` if that is empty."""
     first = image[0] if isinstance(image, list | tuple) else image
     return Path(first).name.split(".")[0] or f"case_{position}"
 
@@ -75,7 +76,7 @@ def load_case(item: dict, label_convention: str = "brats2021", nonfinite: str = 
     NaN or infinite image voxels: ``"error"`` raises, ``"zero"`` replaces them by 0 and logs file and count.
     """
     loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
-    image = loader(item["image"])
+    image = load_image(item["image"], loader)
     affine = torch.as_tensor(image.affine, dtype=torch.float64)
     image = replace_nonfinite(torch.as_tensor(image).float(), nonfinite, item["image"])
     case = {
@@ -86,12 +87,12 @@ def load_case(item: dict, label_convention: str = "brats2021", nonfinite: str = 
         "spacing": spacing_from_affine(affine),
     }
     if item.get("brain_mask"):
-        case["brain"] = torch.as_tensor(loader(item["brain_mask"]))[0] > 0
+        case["brain"] = _load_single_channel(item["brain_mask"], loader, "Brain mask")[0] > 0
     else:
         case["brain"] = (image != 0).any(dim=0)
     if item.get("label"):
         convention = get_convention(label_convention)
-        label = torch.as_tensor(loader(item["label"]))
+        label = _load_single_channel(item["label"], loader, "Label")
         if tuple(label.shape[1:]) != tuple(image.shape[1:]):
             raise ValueError(
                 f"Label {item['label']!r} has shape {tuple(label.shape[1:])} but image {item['image']!r} has "
@@ -100,6 +101,44 @@ def load_case(item: dict, label_convention: str = "brats2021", nonfinite: str = 
         check_label_values(label, convention, str(item["label"]))
         case["regions"] = label_to_regions(label, convention)
     return case
+
+
+def load_image(image: str | list[str], loader: LoadImage) -> torch.Tensor:
+    """Load an image as ``(C, H, W, D)`` from one 3D file per channel or from one file with channels on axis 4.
+
+    The second layout is the one MONAI Label hands over: a single NIfTI of shape ``(H, W, D, C)``, for example
+    the four BraTS modalities. ``loader`` must put channels first (``ensure_channel_first=True``).
+
+    Raises:
+        ValueError: naming the files, for any other layout: a 2D or 5D file, files that cannot be stacked (a 4D
+            file among 3D ones, different shapes), or a list whose stack is not ``(len(image), H, W, D)``.
+    """
+    files = [str(path) for path in image] if isinstance(image, list | tuple) else [str(image)]
+    expected = "one 3D file per channel, or one 4D file (H, W, D, C) with the channels on its 4th axis"
+    try:
+        loaded = loader(files if len(files) > 1 else files[0])
+    except ValueError as error:
+        # MONAI stacks the files of a list with numpy, which rejects arrays of different shapes.
+        raise ValueError(
+            f"Image files {files} cannot be stacked into one volume ({error}). Expected {expected}."
+        ) from error
+    if loaded.ndim != 4 or (len(files) > 1 and loaded.shape[0] != len(files)):
+        raise ValueError(
+            f"Image {files if len(files) > 1 else files[0]!r} loads as shape {tuple(loaded.shape)} (channels first). "
+            f"Expected {expected}."
+        )
+    return loaded
+
+
+def _load_single_channel(path: str, loader: LoadImage, role: str) -> torch.Tensor:
+    """Load a label map or mask as ``(1, H, W, D)``, raising ``ValueError`` for several channels or another rank."""
+    loaded = torch.as_tensor(loader(path))
+    if loaded.ndim != 4 or loaded.shape[0] != 1:
+        raise ValueError(
+            f"{role} {str(path)!r} loads as shape {tuple(loaded.shape)} (channels first), but it must be one 3D "
+            "volume (H, W, D), or (H, W, D, 1)."
+        )
+    return loaded
 
 
 def select_sam_channels(image: torch.Tensor, image_channels: list[int] | None) -> torch.Tensor:
