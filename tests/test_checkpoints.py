@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
 
 from scripts.decoder_checkpoint import DecoderCheckpoint, load_network
 from scripts.network import CalSAMNet
@@ -106,3 +108,43 @@ def test_decoder_checkpoint_from_ddp_prefix_and_no_match(tmp_path):
     state["mask_decoder"] = {"unrelated.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="No decoder key"):
         DecoderCheckpoint(CalSAMNet("small", init_seed=2)).load_state_dict(state)
+
+
+def _shifted_decoder_network() -> CalSAMNet:
+    network = CalSAMNet("small", 64, None, 3, init_seed=0)
+    with torch.no_grad():
+        for parameter in network.sam.mask_decoder.parameters():
+            parameter.add_(0.25)
+    return network
+
+
+def test_monai_checkpoint_loader_restores_decoder(tmp_path):
+    # The way MONAI Label's training task loads models/model.pt before it fine-tunes: one object, strict=False.
+    trained = _shifted_decoder_network()
+    path = tmp_path / "model.pt"
+    torch.save(DecoderCheckpoint(trained).state_dict(), path)
+    fresh = CalSAMNet("small", 64, None, 3, init_seed=0)
+    engine = Engine(lambda engine, batch: None)
+    CheckpointLoader(load_path=str(path), load_dict={"model": fresh}, strict=False).attach(engine)
+    engine.run([0], max_epochs=1)
+    expected = trained.sam.mask_decoder.state_dict()
+    for key, value in fresh.sam.mask_decoder.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_monai_checkpoint_loader_rejects_other_encoder(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(DecoderCheckpoint(_shifted_decoder_network()).state_dict(), path)
+    other = CalSAMNet("small", 64, None, 3, init_seed=1)
+    engine = Engine(lambda engine, batch: None)
+    CheckpointLoader(load_path=str(path), load_dict={"model": other}, strict=False).attach(engine)
+    with pytest.raises(ValueError, match="another frozen encoder"):
+        engine.run([0], max_epochs=1)
+
+
+def test_plain_state_dict_still_loads():
+    trained = _shifted_decoder_network()
+    fresh = CalSAMNet("small", 64, None, 3, init_seed=0)
+    fresh.load_state_dict(trained.state_dict())
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

@@ -9,9 +9,11 @@ Each region therefore reads its own mask token: with ``K`` <= 3 regions, region 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .prompts import box_masks
 from .sam_builder import build_sam, resolve_spec, spec_as_dict
@@ -86,6 +88,21 @@ class CalSAMNet(nn.Module):
         self.sam.image_encoder.eval()
         self.sam.prompt_encoder.eval()
         return self
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
+        """Load a plain state dict, or the decoder weights of a CalSAM ``model.pt``.
+
+        MONAI Label's bundle training task loads ``models/model.pt`` into the network through this method
+        (with ``strict=False``) before it fine-tunes. That file holds only the decoder, so it goes through
+        ``DecoderCheckpoint``, which checks the encoder hash and raises on any missing decoder weight.
+        """
+        # Imported here because decoder_checkpoint imports this module.
+        from .decoder_checkpoint import FORMAT, DecoderCheckpoint
+
+        if not (isinstance(state_dict, Mapping) and state_dict.get("format") == FORMAT):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        DecoderCheckpoint(self).load_state_dict(dict(state_dict))
+        return _IncompatibleKeys([], [])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer may update: the mask decoder's, and only those."""
