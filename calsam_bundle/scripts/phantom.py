@@ -23,7 +23,6 @@ import logging
 import re
 from pathlib import Path
 
-import nilearn
 from tqdm.auto import tqdm
 
 from .phantom_anatomy import DEFORMATION_SETTINGS
@@ -50,6 +49,14 @@ PROVENANCE = (
 )
 
 
+def _nilearn_version() -> str:
+    # Imported here so that configs importing this module (train.yaml) also load where nilearn is not installed,
+    # such as the MONAI Label environment, which never builds the phantom.
+    import nilearn
+
+    return nilearn.__version__
+
+
 def phantom_settings(subjects_per_domain: int, resolution_mm: int, seed: int) -> dict:
     """Return the generator settings whose hash decides whether an existing phantom is reused.
 
@@ -58,7 +65,7 @@ def phantom_settings(subjects_per_domain: int, resolution_mm: int, seed: int) ->
     """
     return {
         "generator_version": GENERATOR_VERSION,
-        "nilearn_version": nilearn.__version__,
+        "nilearn_version": _nilearn_version(),
         "subjects_per_domain": subjects_per_domain,
         "resolution_mm": resolution_mm,
         "seed": seed,
@@ -209,7 +216,7 @@ def ensure_phantom(
     datalist = {
         "name": "CalSAM MNI phantom",
         "description": f"Brain tumour MRI phantom from two simulated scanners. {PROVENANCE}",
-        "reference": "MNI ICBM152 nonlinear symmetric 2009a template, as shipped with nilearn " + nilearn.__version__,
+        "reference": "MNI ICBM152 nonlinear symmetric 2009a template, as shipped with nilearn " + _nilearn_version(),
         "tensorImageSize": "3D",
         "modality": list(CONTRASTS),
         "labels": {"0": "background", **{str(code): name for code, name in sorted(LESION_LABELS.items())}},
