@@ -173,20 +173,49 @@ class GridResults:
                 )
         return pd.DataFrame.from_records(records)
 
+    def step_records(self) -> pd.DataFrame:
+        """Return one row per finished step (``trained.json``, ``done.json``): method, seed, step, wall and CPU s."""
+        records = []
+        for run in plan_runs(self.grid):
+            for step, marker in (("train", run.folder / "trained.json"), ("evaluate", run.folder / "done.json")):
+                if marker.is_file():
+                    content = json.loads(marker.read_text())
+                    records.append(
+                        {
+                            "method": run.method.name,
+                            "seed": run.seed,
+                            "step": step,
+                            "wall_s": content.get("wall_s", float("nan")),
+                            "cpu_s": content.get("cpu_s", float("nan")),
+                        }
+                    )
+        return pd.DataFrame.from_records(records, columns=["method", "seed", "step", "wall_s", "cpu_s"])
+
     def training_times(self) -> pd.DataFrame:
-        """Return mean and std over seeds of the training wall time per trained method, from ``trained.json``."""
+        """Return mean and std over seeds of the training wall and CPU time per trained method."""
+        steps = self.step_records()
+        steps = steps[steps["step"] == "train"]
         records = []
         for method in self.methods:
-            seconds = []
-            for run in plan_runs(self.grid):
-                marker = run.folder / "trained.json"
-                if run.method.name == method and run.method.model_from is None and marker.is_file():
-                    seconds.append(json.loads(marker.read_text())["wall_s"])
-            mean, std, count = mean_std(seconds)
-            records.append({"method": method, "mean_s": mean, "std_s": std, "n_seeds": count})
-        table = pd.DataFrame.from_records(records)
-        baseline = table.set_index("method")["mean_s"].get(self.grid.baseline, float("nan"))
-        table["relative_change"] = [relative_change(value, baseline) for value in table["mean_s"]]
+            frame = steps[steps["method"] == method]
+            if frame.empty:
+                continue
+            wall_mean, wall_std, count = mean_std(frame["wall_s"].tolist())
+            cpu_mean, cpu_std, _ = mean_std(frame["cpu_s"].tolist())
+            records.append(
+                {
+                    "method": method,
+                    "mean_s": wall_mean,
+                    "std_s": wall_std,
+                    "cpu_mean_s": cpu_mean,
+                    "cpu_std_s": cpu_std,
+                    "n_seeds": count,
+                }
+            )
+        columns = ["method", "mean_s", "std_s", "cpu_mean_s", "cpu_std_s", "n_seeds"]
+        table = pd.DataFrame.from_records(records, columns=columns)
+        baseline = table.set_index("method")["cpu_mean_s"].get(self.grid.baseline, float("nan"))
+        table["relative_change"] = [relative_change(value, baseline) for value in table["cpu_mean_s"]]
         return table
 
 
