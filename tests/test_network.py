@@ -96,3 +96,43 @@ def test_invalid_region_count():
 def test_same_seed_same_encoder_hash():
     assert CalSAMNet("small", init_seed=5).encoder_sha256 == CalSAMNet("small", init_seed=5).encoder_sha256
     assert CalSAMNet("small", init_seed=5).encoder_sha256 != CalSAMNet("small", init_seed=6).encoder_sha256
+
+
+def test_box_logit_prior_adds_plus_inside_minus_outside():
+    # Same weights with and without the prior: the logits differ by +3 inside the box and -3 outside, in the
+    # 64 x 64 decoder frame of the 256 px small SAM (box corners 64 and 128 px -> 16 and 32 mask pixels).
+    plain = CalSAMNet("small", num_regions=3, init_seed=0)
+    prior = CalSAMNet("small", num_regions=3, init_seed=0, box_logit_prior=3.0)
+    embeddings = torch.randn(2, 256, 16, 16, generator=torch.Generator().manual_seed(0))
+    regions = torch.tensor([0, 2])
+    boxes = torch.tensor([[64.0, 64.0, 128.0, 128.0], [0.0, 0.0, 256.0, 256.0]])
+    with torch.no_grad():
+        difference = prior.decode(embeddings, regions, boxes=boxes) - plain.decode(embeddings, regions, boxes=boxes)
+    expected = torch.full((2, 1, 64, 64), -3.0)
+    expected[0, 0, 16:32, 16:32] = 3.0
+    expected[1] = 3.0
+    assert torch.allclose(difference, expected, atol=1e-5)
+    # Without a box there is nothing to add.
+    with torch.no_grad():
+        assert torch.equal(prior.decode(embeddings, regions), plain.decode(embeddings, regions))
+
+
+def test_prompt_options_follow_the_checkpoint(tmp_path):
+    from scripts.decoder_checkpoint import DecoderCheckpoint, load_network
+
+    trained = CalSAMNet("small", 64, None, 3, init_seed=0, box_mask_prompt=True, box_logit_prior=2.5)
+    path = tmp_path / "model.pt"
+    torch.save(DecoderCheckpoint(trained).state_dict(), path)
+    loaded, _ = load_network(str(path))
+    assert (loaded.box_mask_prompt, loaded.box_logit_prior) == (True, 2.5)
+
+
+def test_volume_network_takes_prompt_options_from_model_pt(tmp_path):
+    # MONAI Label loads model.pt into the bundle's whole-volume network, built with default options.
+    from scripts.decoder_checkpoint import DecoderCheckpoint
+    from scripts.volume_network import CalSAMVolumeNet
+
+    trained = CalSAMNet("small", 64, None, 3, init_seed=0, box_mask_prompt=True, box_logit_prior=2.5)
+    volume = CalSAMVolumeNet(variant="small", image_size=64, init_seed=0)
+    volume.load_state_dict(DecoderCheckpoint(trained).state_dict())
+    assert (volume.network.box_mask_prompt, volume.network.box_logit_prior) == (True, 2.5)

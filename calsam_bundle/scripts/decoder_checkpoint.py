@@ -121,6 +121,7 @@ def load_network(path: str | Path, sam_checkpoint: str | None = None, device: st
         num_regions=settings.get("num_regions", 3),
         init_seed=settings.get("init_seed", 0),
         box_mask_prompt=settings.get("box_mask_prompt", False),
+        box_logit_prior=settings.get("box_logit_prior", 0.0),
     )
     holder = DecoderCheckpoint(network)
     holder.load_state_dict(state)

@@ -35,6 +35,9 @@ class CalSAMNet(nn.Module):
         box_mask_prompt: also give each box as SAM's dense mask prompt (the filled box, +1 inside and -1
             outside, in the decoder frame). A decoder trained from scratch learns the box location from this
             spatial input far faster than from the two corner tokens; pretrained SAM decoders do not need it.
+        box_logit_prior: added to the mask logits inside each box and subtracted outside it (0 turns it off),
+            so an untrained decoder predicts the filled box and training learns corrections to it. For
+            decoders trained from random weights in a few epochs (the quickstart); 0 for pretrained SAM.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class CalSAMNet(nn.Module):
         num_regions: int = 3,
         init_seed: int = 0,
         box_mask_prompt: bool = False,
+        box_logit_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= int(num_regions) <= 3:
@@ -58,17 +62,25 @@ class CalSAMNet(nn.Module):
         self.spec = resolve_spec(variant, image_size)
         self.num_regions = int(num_regions)
         self.box_mask_prompt = bool(box_mask_prompt)
+        self.box_logit_prior = float(box_logit_prior)
         self.settings = {
             **spec_as_dict(variant, image_size),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "num_regions": self.num_regions,
             "init_seed": int(init_seed),
             "box_mask_prompt": self.box_mask_prompt,
+            "box_logit_prior": self.box_logit_prior,
         }
         for module in (self.sam.image_encoder, self.sam.prompt_encoder):
             module.requires_grad_(False)
             module.eval()
         self._encoder_sha256: str | None = None
+
+    def set_prompt_options(self, box_mask_prompt: bool, box_logit_prior: float) -> None:
+        """Switch the box prompt options, which change no weight, to those a checkpoint was trained with."""
+        self.box_mask_prompt = bool(box_mask_prompt)
+        self.box_logit_prior = float(box_logit_prior)
+        self.settings.update(box_mask_prompt=self.box_mask_prompt, box_logit_prior=self.box_logit_prior)
 
     @property
     def image_size(self) -> int:
@@ -178,8 +190,11 @@ class CalSAMNet(nn.Module):
             chosen = token_index == index
             if bool(chosen.any()):
                 weights[chosen] = hypernetwork(hidden[chosen, 1 + index, :])
-        masks = torch.einsum("pc,pchw->phw", weights, upscaled)
-        return masks.unsqueeze(1)
+        masks = torch.einsum("pc,pchw->phw", weights, upscaled).unsqueeze(1)
+        if self.box_logit_prior and boxes is not None:
+            # Start from "the box is the mask": the decoder then learns corrections to the filled box.
+            masks = masks + self.box_logit_prior * self._box_mask_prompt(boxes, 4 * h, 4 * w)
+        return masks
 
     def decode_native(
         self,

@@ -149,6 +149,8 @@ class CalSAMVolumeNet(nn.Module):
                 recorded.get("num_regions", 3),
                 recorded.get("init_seed", 0),
             ).to(device)
+        # A decoder trained with the box as a dense prompt or a logit prior needs the same at inference.
+        self.network.set_prompt_options(recorded.get("box_mask_prompt", False), recorded.get("box_logit_prior", 0.0))
         holder = DecoderCheckpoint(self.network)
         holder.load_state_dict(dict(state_dict))
         self._take_settings(holder.preprocessing, holder.temperature)
