@@ -47,7 +47,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _range_reading(value: float, low: float, high: float) -> str:
     """Compare a measured reduction (a fraction) with a published range in percent."""
     if not math.isfinite(value):
-        return "not measurable (the baseline has no gap or error to reduce)"
+        return "not measurable: a result is missing or the baseline has no gap to reduce"
     percent = 100 * value
     if low <= percent <= high:
         return "reproduced: within the published range"

@@ -18,7 +18,7 @@ import pandas as pd
 from .corrupted_evaluation import CASE_SEPARATOR, parse_corrupted_domain
 from .grid import GridRun, plan_runs
 from .grid_config import GridConfig
-from .grid_statistics import domain_gap, gap_reduction, mean_std, paired_wilcoxon, relative_change
+from .grid_statistics import PairedTest, domain_gap, gap_reduction, mean_std, paired_wilcoxon, relative_change
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class GridResults:
                     shared = a.index.intersection(b.index)
                     test = paired_wilcoxon(a[shared].tolist(), b[shared].tolist())
                     records.append({"a": first, "b": second, "group": group, "metric": metric, **vars(test)})
-        return pd.DataFrame.from_records(records)
+        columns = ["a", "b", "group", "metric", *PairedTest.__dataclass_fields__]
+        return pd.DataFrame.from_records(records, columns=columns)
 
     def curves(self) -> pd.DataFrame:
         """Return mean and std over seeds per (method, corruption, severity); severity 0 is the clean target.
