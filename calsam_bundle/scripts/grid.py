@@ -191,8 +191,11 @@ class GridRunner:
         run.folder.mkdir(parents=True, exist_ok=True)
         source_key = (run.method.model_from or run.method.name, run.seed)
         if run.method.model_from is None:
-            trained = self._step(run, "train")
-            self.trained[source_key].set()
+            try:
+                trained = self._step(run, "train")
+            finally:
+                # Set even when the step raises, so that runs reusing this model never wait forever.
+                self.trained[source_key].set()
             if not trained:
                 self.outcomes[run.name] = "failed"
                 return
