@@ -245,6 +245,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def source_revision() -> dict[str, object]:
+    """Return the git commit of the bundle and whether its files differ from it, or ``None`` values outside git.
+
+    A grid takes an hour or more; edits to configs or scripts during that time change the later runs only, so
+    the report records which code the runs started from.
+    """
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=BUNDLE_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=BUNDLE_DIR, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": commit, "uncommitted_changes": bool(changes.strip())}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the grid named on the command line and write its report; return 1 when any run failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -259,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan_runs(grid)
     failed: dict[str, str] = {}
     if not arguments.report_only:
+        revision = source_revision()
         runner = GridRunner(grid, jobs=arguments.jobs, threads=arguments.threads)
         started = time.monotonic()
         runner.run(runs)
@@ -273,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_model": cpu_model(),
                 "cpu_count": os.cpu_count(),
                 "runs": len(runs),
+                **revision,
                 "failed": failed,
             },
             grid.output_dir / "grid_run.json",

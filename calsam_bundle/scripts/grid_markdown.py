@@ -153,7 +153,8 @@ def results_markdown(
             f"Grid run finished {run_info.get('finished')}, wall time {run_info.get('wall_s', math.nan) / 60:.1f} min, "
             f"{run_info.get('jobs')} runs at once with {run_info.get('threads_per_run')} torch threads each, "
             f"CPU {run_info.get('cpu_model')} ({run_info.get('cpu_count')} logical CPUs), "
-            f"failed runs: {len(run_info.get('failed', {}))}."
+            f"failed runs: {len(run_info.get('failed', {}))}. Code: git commit {run_info.get('commit') or 'unknown'}"
+            f"{', with uncommitted changes' if run_info.get('uncommitted_changes') else ''}."
         )
     lines += [
         "",
