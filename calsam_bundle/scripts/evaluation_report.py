@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ignite.engine import Engine, Events
@@ -86,6 +87,9 @@ class CaseReportHandler:
 
     def _write(self, engine: Engine) -> None:
         run = None
+        # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which MONAI's MLFlowHandler and
+        # every child process would then follow; put the previous value back when the report is logged.
+        previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         if self.tracking_uri:
             run = self._start_mlflow_run()
         try:
@@ -102,6 +106,10 @@ class CaseReportHandler:
                 import mlflow
 
                 mlflow.end_run()
+                if previous_uri is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = previous_uri
         self._log_headline()
 
     def _start_mlflow_run(self):
