@@ -83,3 +83,22 @@ def test_multichannel_label_rejected_with_name(tmp_path, volume):
         load_case({"case_id": "a", "image": image, "label": label_path})
     assert "seg2.nii.gz" in str(error.value)
     assert "(2, 12, 10, 6)" in str(error.value)
+
+
+def test_loaded_and_prepared_tensors_are_plain(tmp_path, volume):
+    # A MetaTensor in the boxes would spread into the logits and run MONAI's metadata code on every training op.
+    from scripts.cases import prepare_case
+
+    channels, label = volume
+    item = {
+        "case_id": "a",
+        "image": save(tmp_path / "all.nii.gz", channels),
+        "label": save(tmp_path / "seg.nii.gz", label),
+    }
+    case = load_case(item)
+    for key in ("image", "brain", "regions"):
+        assert type(case[key]) is torch.Tensor, key
+    prepared = prepare_case(item, None, embed=False, image_channels=[0, 1, 2])
+    for key, value in prepared.items():
+        if isinstance(value, torch.Tensor):
+            assert type(value) is torch.Tensor, key
