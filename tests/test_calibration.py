@@ -1,6 +1,10 @@
 """Calibration metrics: hand-computed cases, MONAI agreement and an independent numpy reference."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,6 +246,30 @@ def test_float32_confidence_sums_do_not_depend_on_order():
     shuffled = bin_statistics(prob[:, order], label[:, order])
     assert torch.equal(direct["conf_sum"], shuffled["conf_sum"])
     assert torch.equal(direct["count"], shuffled["count"])
+
+
+def test_binning_keeps_torch_thread_count():
+    # numba's OpenMP layer shares torch's libgomp and, on its first parallel call in a process, sets the OpenMP
+    # default to one thread per core. A fresh interpreter is needed, because earlier tests already made that call.
+    script = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from scripts.calibration import compute_calibration\n"
+        "prob = torch.rand(3, 3 * (1 << 20))\n"
+        "compute_calibration(prob, prob > 0.5)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    environment = dict(
+        os.environ,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1] / "calsam_bundle"),
+        OMP_NUM_THREADS="1",
+        NUMBA_NUM_THREADS="2",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "1"
 
 
 def test_nan_probability_is_named():

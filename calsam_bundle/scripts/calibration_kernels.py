@@ -28,6 +28,7 @@ bincounts, several times slower, so an environment without it (MONAI Label's) st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -69,8 +70,8 @@ def bin_sums(
     hist = np.zeros((n_channels * chunks, _LANES, 2 * n_bins), dtype=np.int64)
     conf = np.zeros((n_channels * chunks, _LANES, n_bins), dtype=np.float64)
     bad = np.full(n_channels * chunks, -1, dtype=np.int64)
-    _set_threads()
-    kernel(prob, label, mask, use_mask, n_bins, scale, _CHUNK_VOXELS, hist, conf, bad)
+    with _threads_like_torch():
+        kernel(prob, label, mask, use_mask, n_bins, scale, _CHUNK_VOXELS, hist, conf, bad)
     if (bad >= 0).any():
         first = int(bad[bad >= 0].min())
         raise ValueError(
@@ -82,12 +83,26 @@ def bin_sums(
     return pairs.sum(axis=2), conf_sum, pairs[:, :, 1].copy()
 
 
-def _set_threads() -> None:
-    """Use as many threads as torch does, so ``torch.set_num_threads`` governs the whole evaluation."""
+@contextlib.contextmanager
+def _threads_like_torch():
+    """Run numba with as many threads as torch uses, and leave torch's thread count as it was.
+
+    numba's OpenMP threading layer shares torch's libgomp. Its first parallel call starts
+    ``NUMBA_NUM_THREADS`` workers (one per core) and sets that number as the OpenMP default, which torch reads
+    as its own thread count. Without the restore, a training run with one torch thread used two threads for
+    every step after its first validation. Two such runs on two cores then spent most of their time spinning at
+    OpenMP barriers, and their epochs took 5 to 8 times longer.
+    """
     import numba
     import torch
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 @functools.cache
