@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     # Run as a script (python scripts/grid.py): make the bundle folder importable as the package root.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.grid_config import GridConfig, Method, load_grid  # noqa: E402
+from scripts.grid_config import GridConfig, GridFileError, Method, load_grid  # noqa: E402
 from scripts.tracking import write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("scripts.grid")
@@ -263,46 +263,82 @@ def source_revision() -> dict[str, object]:
     return {"commit": commit, "uncommitted_changes": bool(changes.strip())}
 
 
+def _positive_int(text: str) -> int:
+    """Parse a command-line count that must be at least 1; argparse shows the message next to the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _run_grid(grid: GridConfig, runs: list[GridRun], jobs: int, threads: int | None) -> dict[str, str]:
+    """Run every step of the grid, write ``grid_run.json`` and return the failed runs with their reasons."""
+    revision = source_revision()
+    runner = GridRunner(grid, jobs=jobs, threads=threads)
+    started = time.monotonic()
+    runner.run(runs)
+    failed = runner.failed
+    write_json_atomic(
+        {
+            "grid": str(grid.path),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "wall_s": time.monotonic() - started,
+            "jobs": runner.jobs,
+            "threads_per_run": runner.threads,
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "runs": len(runs),
+            **revision,
+            "failed": failed,
+        },
+        grid.output_dir / "grid_run.json",
+    )
+    for name, reason in failed.items():
+        logger.error("Run %s failed: %s", name, reason)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the grid named on the command line and write its report; return 1 when any run failed."""
+    """Run the grid named on the command line and write its report.
+
+    Returns 0 on success, 1 when a run failed or no run has results, and 2 for an invalid grid file or
+    ``--report-only`` without a grid folder.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", required=True, help="grid YAML file, relative to the bundle folder or absolute")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPUs / jobs)")
+    parser.add_argument("--jobs", type=_positive_int, default=1, help="runs at once (default 1)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch threads per run (default: CPUs / jobs)"
+    )
     parser.add_argument("--report-only", action="store_true", help="skip the runs and rebuild the report")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    grid = load_grid(BUNDLE_DIR / arguments.grid, BUNDLE_DIR)
-    runs = plan_runs(grid)
-    failed: dict[str, str] = {}
-    if not arguments.report_only:
-        revision = source_revision()
-        runner = GridRunner(grid, jobs=arguments.jobs, threads=arguments.threads)
-        started = time.monotonic()
-        runner.run(runs)
-        failed = runner.failed
-        write_json_atomic(
-            {
-                "grid": str(grid.path),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "wall_s": time.monotonic() - started,
-                "jobs": runner.jobs,
-                "threads_per_run": runner.threads,
-                "cpu_model": cpu_model(),
-                "cpu_count": os.cpu_count(),
-                "runs": len(runs),
-                **revision,
-                "failed": failed,
-            },
-            grid.output_dir / "grid_run.json",
+    # Every check of the grid file runs here, before any training, and ends the program with one message.
+    try:
+        grid = load_grid(BUNDLE_DIR / arguments.grid, BUNDLE_DIR)
+    except (GridFileError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if arguments.report_only and not grid.output_dir.is_dir():
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --report-only needs the grid folder {str(grid.output_dir)!r}, which does not "
+            f"exist; run the grid without --report-only first, or check 'output_dir' in {str(grid.path)!r}.\n",
         )
-        for name, reason in failed.items():
-            logger.error("Run %s failed: %s", name, reason)
+    runs = plan_runs(grid)
+    failed = {} if arguments.report_only else _run_grid(grid, runs, arguments.jobs, arguments.threads)
 
     from scripts.grid_report import write_grid_report
 
-    write_grid_report(grid)
+    try:
+        write_grid_report(grid)
+    except FileNotFoundError as error:
+        # No run has results: every run failed, or --report-only found a grid folder without finished runs.
+        logger.error("%s", error)
+        return 1
     return 1 if failed else 0
 
 

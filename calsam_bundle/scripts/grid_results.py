@@ -231,10 +231,14 @@ def collect_results(grid: GridConfig) -> GridResults:
         summary = json.loads((folder / "summary.json").read_text())
         source_domains = [str(domain) for domain in summary["settings"].get("source_domains") or []]
         frames.append(_run_case_values(run, source_domains))
+    if not frames:
+        raise FileNotFoundError(
+            f"No run of grid {str(grid.path)!r} has evaluation results under {str(grid.output_dir)!r} "
+            f"(checked {len(missing)} runs for eval/evaluation/per_case.csv); run the grid without --report-only, "
+            "or read the train.log and evaluate.log of the failed runs in runs/<method>/seed<N>/."
+        )
     if missing:
         logger.warning("No evaluation results for %d runs: %s", len(missing), ", ".join(missing))
-    if not frames:
-        raise FileNotFoundError(f"No run of grid {str(grid.path)!r} has results under {str(grid.output_dir)!r}.")
     return GridResults(grid, pd.concat(frames, ignore_index=True), missing)
 
 
