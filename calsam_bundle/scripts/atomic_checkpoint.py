@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
+from .atomic_files import temporary_sibling
 from .distributed import get_rank
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def write_atomic(content: object, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = temporary_sibling(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(content, stream)

@@ -32,13 +32,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic_files import temporary_sibling
 from .sam_builder import PATCH_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_EMBED_DIM
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class EmbeddingStore:
             return
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        handle, temporary = temporary_sibling(path)
         try:
             with os.fdopen(handle, "wb") as stream:
                 np.save(stream, stored.numpy())

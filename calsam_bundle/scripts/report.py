@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic_files import temporary_sibling
 from .calibration import NLL_EPS, expected_calibration_error_from_bins, maximum_calibration_error_from_bins
 from .overlap import DICE_EMPTY_POLICY, DISTANCE_EMPTY_POLICY, HD_PERCENTILE
 from .reliability import BIN_KEYS, plot_reliability_diagram
@@ -65,7 +65,7 @@ __all__ = ["write_report"]
 
 def _write_atomic(path: Path, write: Callable, *, binary: bool = False) -> None:
     """Write through ``write(file)`` into a temporary file next to ``path``, then rename it to ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = temporary_sibling(path)
     try:
         if binary:
             file = os.fdopen(handle, "wb")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 
+from .atomic_files import temporary_sibling
 from .decoder_checkpoint import DecoderCheckpoint, read_checkpoint
 from .evaluator import predict_volume
 from .prompts import box_masks
@@ -108,7 +108,7 @@ class TemperatureCalibrationHandler:
         )
 
     def _save(self, state: dict) -> None:
-        handle, temporary = tempfile.mkstemp(dir=self.model_path.parent, suffix=".tmp")
+        handle, temporary = temporary_sibling(self.model_path)
         os.close(handle)
         try:
             torch.save(state, temporary)

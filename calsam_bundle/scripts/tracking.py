@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .atomic_files import temporary_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def write_json_atomic(content: dict, path: str | Path) -> str:
     """Write JSON to a temporary file in the same folder and rename it, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    handle, temporary = temporary_sibling(path)
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(content, stream, indent=2, default=str)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from .atomic_files import temporary_sibling
 
 
 def reference_geometry(path: str | Path) -> dict:
@@ -34,7 +35,7 @@ def reference_geometry(path: str | Path) -> dict:
 
 def _atomic_target(path: Path, suffix: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    handle, temporary = temporary_sibling(path, suffix)
     os.close(handle)
     return temporary
 
