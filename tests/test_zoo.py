@@ -125,7 +125,7 @@ def make_bundle_copy(root: Path) -> Path:
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"decoder weights")
     (bundle / "models" / "sam_vit_b_01ec64.pth").write_bytes(b"listed in large_files.yml")
-    for folder in ("cache/embeddings", "eval/mlruns", "data/phantom", "scripts/__pycache__"):
+    for folder in ("cache/embeddings", "eval/mlruns", "data/phantom", "models/train_state", "scripts/__pycache__"):
         (bundle / folder).mkdir(parents=True, exist_ok=True)
         (bundle / folder / "leftover.bin").write_bytes(b"x")
     (bundle / ".DS_Store").write_bytes(b"x")
@@ -142,6 +142,7 @@ def test_pack_bundle_contents(tmp_path):
     assert "models/model.pt" in files
     assert "models/sam_vit_b_01ec64.pth" not in files
     assert not any(name.split("/")[0] in {"cache", "eval", "data"} for name in files)
+    assert not any(name.startswith("models/train_state/") for name in files)
     assert not any("__pycache__" in name or name.startswith(".") for name in files)
     assert max((packed / name).stat().st_size for name in files) <= MAX_FILE_BYTES
 

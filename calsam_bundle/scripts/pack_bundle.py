@@ -5,7 +5,8 @@ Usage, from the repository root::
     python calsam_bundle/scripts/pack_bundle.py --output dist/ [--zip]
 
 The packed bundle contains configs, scripts, docs, LICENSE, large_files.yml and the small files of models/. Left out
-are run products and caches (``cache/``, ``eval/``, ``data/``, ``runs/``, ``__pycache__``, hidden files) and
+are run products and caches (``cache/``, ``eval/``, ``data/``, ``runs/``, ``models/train_state/``, ``__pycache__``,
+hidden files) and
 every file named in ``large_files.yml``, which users fetch with ``python -m monai.bundle download_large_files``.
 Packing fails when a required file is missing or a remaining file exceeds the zoo's 25 MB limit.
 
@@ -28,7 +29,9 @@ logger = logging.getLogger("pack_bundle")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE_BYTES = 25 * 1000 * 1000
-EXCLUDED_FOLDERS = {"cache", "eval", "data", "runs", "mlruns", "dist", "__pycache__", ".pytest_cache"}
+# ``train_state`` holds the resumable checkpoints of a training run (model, optimizer and trainer state, 47 MB each
+# for the quickstart), which are not part of a shared model.
+EXCLUDED_FOLDERS = {"cache", "eval", "data", "runs", "mlruns", "dist", "train_state", "__pycache__", ".pytest_cache"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".tmp"}
 REQUIRED_FILES = (
     "LICENSE",
