@@ -151,8 +151,15 @@ def predicted_every_k_ratio(every: int, exact_ratio: float, feature_grad_ratio: 
     return ((every - 1) * feature_grad_ratio + exact_ratio) / every
 
 
-def benchmark_fip_large_embeddings(slab: dict, rounds: int, image_size: int = 1024) -> list[dict]:
-    """Time no FIP vs exact FIP with ``image_size / 16`` square embeddings, one step per round.
+def benchmark_fip_large_embeddings(
+    slab: dict,
+    rounds: int,
+    image_size: int = 1024,
+    variants: list[tuple[str, dict | None, bool]] | None = None,
+    block: int = 1,
+) -> list[dict]:
+    """Time FIP variants (default: no FIP vs exact) with ``image_size / 16`` square embeddings, ``block`` steps
+    per round.
 
     SAM's mask decoder is the same for every variant and the encoder does not run on cached embeddings, so the
     small SAM built at ``image_size`` gives the decoder step of ViT-B at that size without ViT-B's weights. The
@@ -163,8 +170,11 @@ def benchmark_fip_large_embeddings(slab: dict, rounds: int, image_size: int = 10
     c, h, w = 256, image_size // 16, image_size // 16
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn((len(slab["slices"]), c, h, w), generator=generator).to(torch.float16)
-    variants = [("no FIP", None, False), ("exact", {"estimator": "exact"}, False)]
-    return benchmark_fip_estimators(network, [dict(slab, embeddings=embeddings)], rounds, block=1, variants=variants)
+    if variants is None:
+        variants = [("no FIP", None, False), ("exact", {"estimator": "exact"}, False)]
+    return benchmark_fip_estimators(
+        network, [dict(slab, embeddings=embeddings)], rounds, block=block, variants=variants
+    )
 
 
 def benchmark_cache_vs_encoder(variant: str, image_size: int, slab: dict, rounds: int, init_seed: int = 0) -> dict:

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python calsam_bundle/scripts/benchmark.py [--quick] [--sections cache fip epoch inference metrics]
+    python calsam_bundle/scripts/benchmark.py [--quick] [--sections cache fip fip_default epoch inference metrics]
         [--threads 1] [--output FILE]
 
 Sections:
@@ -13,6 +13,8 @@ Sections:
   slab. Networks: the small SAM at 256 px (a phantom slab of 4 slices), ViT-B at 512 px (2 slices) and ViT-B at
   1024 px (1 slice, skipped with ``--quick``). Encoder-only and decoder-only inference run on the same slab.
 - ``fip``: step time of each FIP estimator setting vs no FIP, small SAM at 256 px, phantom slabs of 4 slices.
+- ``fip_default``: the ``fip`` block of ``configs/train.yaml`` vs no FIP with the 64 x 64 embeddings of ViT-B at
+  1024 px, over blocks as long as its ``every`` period (16 x 16 with ``--quick``).
 - ``epoch``: one real training epoch on phantom slabs with the FIP default of ``configs/train.yaml`` and CMP,
   split into data loading, forward, loss and penalties, backward and optimizer step; then one validation pass.
 - ``inference``: seconds per phantom volume (2 mm) for the small SAM, all prompted slices.
@@ -43,7 +45,7 @@ from scripts.network import CalSAMNet  # noqa: E402
 from scripts.phantom import ensure_phantom  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
-SECTIONS = ("store", "cache", "fip", "epoch", "inference", "metrics")
+SECTIONS = ("store", "cache", "fip", "fip_default", "epoch", "inference", "metrics")
 # Keys of the train.yaml ``fip`` block that configure the schedule, not the estimator.
 _SCHEDULE_KEYS = ("weight", "warmup_epochs", "start_epoch", "enabled")
 
@@ -192,6 +194,33 @@ def _fip_section(network: CalSAMNet, slabs: list[dict], quick: bool) -> str:
     return "## FIP estimators: step time vs no FIP\n\n" + markdown_table(header, table) + f"\n\n{note}\n\n{large_text}"
 
 
+def _fip_default_section(slabs: list[dict], quick: bool) -> str:
+    """Time the ``fip`` default of ``configs/train.yaml`` against no FIP on the recipe's 64 x 64 embeddings."""
+    settings = fip_default()
+    every = int(settings["every"]) if settings["estimator"] == "every_k" else 1
+    # A block of ``every`` steps computes the exact estimate once, as training does on average.
+    image_size, rounds = (256, 1) if quick else (1024, 2)
+    label = settings["estimator"] + (f", every {every}" if every > 1 else "")
+    variants = [("no FIP", None, False), (f"train.yaml default ({label})", settings, False)]
+    fullest = max(slabs, key=lambda slab: int(slab["valid"].sum()))
+    rows = bench_training.benchmark_fip_large_embeddings(
+        fullest, rounds, image_size=image_size, variants=variants, block=every
+    )
+    side = image_size // 16
+    table = [
+        [row["variant"], _ms(row["cpu_per_step"]), _ms(row["wall_per_step"]), f"{row['cpu_ratio']:.3f}"]
+        + [f"{row['wall_ratio']:.3f}"]
+        for row in rows
+    ]
+    header = ["FIP setting", "CPU ms/step", "wall ms/step", "CPU ratio to no FIP", "wall ratio"]
+    note = (
+        f"{side} x {side} embeddings, random, on the slab with {int(fullest['valid'].sum())} pairs; {rounds} "
+        f"interleaved rounds of {every} consecutive steps after one warm-up round. FIP weight "
+        f"{bench_training.FIP_WEIGHT}, no warm-up."
+    )
+    return "## Default FIP setting vs no FIP\n\n" + markdown_table(header, table) + f"\n\n{note}"
+
+
 def _epoch_section(network: CalSAMNet, slabs: list[dict], val_cases: list[dict]) -> str:
     settings = fip_default()
     result = bench_training.benchmark_epoch_share(network, slabs, val_cases, settings)
@@ -265,7 +294,7 @@ def main(argv=None) -> str:
     source = [item for item in items if item["domain"] == "scanner_a"]
     target = [item for item in items if item["domain"] != "scanner_a"]
     network = CalSAMNet("small", args.image_size, num_regions=3, init_seed=0)
-    needs_slabs = {"cache", "fip", "epoch"} & set(args.sections)
+    needs_slabs = {"cache", "fip", "fip_default", "epoch"} & set(args.sections)
     slabs = []
     if needs_slabs:
         slabs = bench_training.slabs_of(bench_training.prepare_cases(source[: args.train_cases], network), 4)
@@ -277,6 +306,8 @@ def main(argv=None) -> str:
         sections.append(_cache_section(fullest, args.quick))
     if "fip" in args.sections:
         sections.append(_fip_section(network, slabs, args.quick))
+    if "fip_default" in args.sections:
+        sections.append(_fip_default_section(slabs, args.quick))
     if "epoch" in args.sections:
         val_cases = bench_training.prepare_cases(source[args.train_cases : args.train_cases + 1], network, True)
         sections.append(_epoch_section(network, slabs, val_cases))
