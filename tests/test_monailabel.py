@@ -168,7 +168,7 @@ def server(monailabel_env, tmp_path_factory):
     # A private HOME keeps MONAI Label's session and cache folders out of the user's home.
     environment = dict(os.environ, HOME=str(root / "home"), PYTHONPATH="")
     # MONAI's MLFlowHandler prefers MLFLOW_TRACKING_URI over the bundle's tracking_uri, and mlflow.set_tracking_uri
-    # in an earlier test of this process sets it; the server must log where the bundle says.
+    # in an earlier test of this process sets it. The server must log to the bundle's tracking_uri.
     for name in [name for name in environment if name.startswith("MLFLOW_")]:
         del environment[name]
 

@@ -13,8 +13,8 @@ so a voxel set needs no gather.
 
 Exactness. For float32 ``prob`` the confidence ``c = max(p, 1 - p)`` is computed in float32, as the tensor code
 in ``calibration.py`` does, and lies in [0.5, 1]. There every float32 value is an integer multiple of
-``2**-24``. The kernel adds the integers ``c * 2**24``, held in float64, which is exact while a bin's sum
-stays below 2**53, that is for fewer than 2**29 voxels per bin; so the confidence sums do not depend on the
+``2**-24``. The kernel adds the integers ``c * 2**24``, held in float64. Their sum is exact while a bin's sum
+stays below 2**53, that is for fewer than 2**29 voxels per bin, so the confidence sums do not depend on the
 order of the voxels. For float64 ``prob`` the sums are float64. The bin of ``c`` is
 ``floor(c * n_bins)`` computed in float64, which is exact for float32 ``c``, with ``c = 1`` put in the last bin.
 
@@ -119,7 +119,7 @@ def _kernel():
 
 
 def _numpy_bin_sums(prob, label, mask, n_bins):
-    """The same sums with numpy, for environments without numba (MONAI Label's, for one)."""
+    """Compute the same sums with numpy, for environments without numba (MONAI Label's, for one)."""
     if not np.all((prob >= 0) & (prob <= 1)):  # NaN fails the comparisons too
         bad = int(np.flatnonzero(~((prob >= 0) & (prob <= 1)))[0])
         raise ValueError(

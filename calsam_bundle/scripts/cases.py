@@ -134,9 +134,9 @@ def load_image(image: str | list[str], loader: LoadImage) -> torch.Tensor:
 def plain_tensor(loaded) -> torch.Tensor:
     """Return a plain ``torch.Tensor``: MONAI's loader gives a MetaTensor, and ``torch.as_tensor`` keeps that type.
 
-    A MetaTensor that reaches the boxes spreads into the decoder's logits, the loss and the penalties, and its
-    ``__torch_function__`` runs on every operation there, forward and backward: a training step with FIP or CMP
-    took about 20 times as long on the 256 px phantom.
+    A MetaTensor that reaches the boxes spreads into the decoder's logits, the loss and the penalties. Its
+    ``__torch_function__`` then runs on every operation there, forward and backward, and a training step with FIP
+    or CMP took about 20 times as long on the 256 px phantom.
     """
     return loaded.as_tensor() if isinstance(loaded, MetaTensor) else torch.as_tensor(loaded)
 

@@ -88,7 +88,7 @@ class CaseReportHandler:
     def _write(self, engine: Engine) -> None:
         run = None
         # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, which MONAI's MLFlowHandler and
-        # every child process would then follow; put the previous value back when the report is logged.
+        # every child process would then follow. The previous value is restored once the report is logged.
         previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         if self.tracking_uri:
             run = self._start_mlflow_run()

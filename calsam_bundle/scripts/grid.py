@@ -147,44 +147,47 @@ class GridRunner:
             environment[name] = str(self.threads)
         return environment
 
+    def _launch(self, command: list[str], log_path: Path) -> tuple[int, float, float]:
+        """Run ``command`` with its output in ``log_path``; return its exit code, wall seconds and CPU seconds."""
+        started = time.monotonic()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                command, cwd=BUNDLE_DIR, env=self._environment(), stdout=log, stderr=subprocess.STDOUT
+            )
+            # wait4 also returns the child's resource usage. Its CPU time depends less than wall time on other
+            # jobs of a shared machine.
+            _, status, usage = os.wait4(process.pid, 0)
+        wall_s = time.monotonic() - started
+        return os.waitstatus_to_exitcode(status), wall_s, usage.ru_utime + usage.ru_stime
+
     def _step(self, run: GridRun, step: str) -> bool:
         marker = run.folder / ("trained.json" if step == "train" else "done.json")
         if marker.is_file():
             logger.info("%s: %s finished before, skipped.", run.name, step)
             return True
+
         configs = self.grid.train_configs if step == "train" else self.grid.evaluate_configs
         override = run.folder / f"{step}.yaml"
         override.write_text(yaml.safe_dump(run_overrides(self.grid, run, step), sort_keys=False))
         log_path = run.folder / f"{step}.log"
         logger.info("%s: %s started, log %s", run.name, step, log_path)
-        started = time.monotonic()
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                bundle_command(step, [*map(str, configs), str(override)]),
-                cwd=BUNDLE_DIR,
-                env=self._environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            # wait4 also returns the child's resource usage: its CPU time is less sensitive than wall time to other
-            # jobs on a shared machine.
-            _, status, usage = os.wait4(process.pid, 0)
-        wall_s = time.monotonic() - started
-        exit_code = os.waitstatus_to_exitcode(status)
+        command = bundle_command(step, [*map(str, configs), str(override)])
+        exit_code, wall_s, cpu_s = self._launch(command, log_path)
         if exit_code != 0:
             self.failed[run.name] = f"{step} failed with exit code {exit_code}; see {log_path}"
             logger.error("%s: %s failed with exit code %d; see %s", run.name, step, exit_code, log_path)
             return False
+
         record = {
             "method": run.method.name,
             "seed": run.seed,
             "step": step,
             "wall_s": wall_s,
-            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "cpu_s": cpu_s,
             "threads": self.threads,
         }
         write_json_atomic(record, marker)
-        logger.info("%s: %s finished in %.0f s wall, %.0f s CPU.", run.name, step, wall_s, record["cpu_s"])
+        logger.info("%s: %s finished in %.0f s wall, %.0f s CPU.", run.name, step, wall_s, cpu_s)
         return True
 
     def _run(self, run: GridRun) -> None:
@@ -194,7 +197,7 @@ class GridRunner:
             try:
                 trained = self._step(run, "train")
             finally:
-                # Set even when the step raises, so that runs reusing this model never wait forever.
+                # Set even when the step raises, so that runs reusing this model do not wait for it forever.
                 self.trained[source_key].set()
             if not trained:
                 self.outcomes[run.name] = "failed"
@@ -248,8 +251,8 @@ def cpu_model() -> str:
 def source_revision() -> dict[str, object]:
     """Return the git commit of the bundle and whether its files differ from it, or ``None`` values outside git.
 
-    A grid takes an hour or more; edits to configs or scripts during that time change the later runs only, so
-    the report records which code the runs started from.
+    A grid runs for tens of minutes or longer, and edits to configs or scripts during that time change only the
+    later runs. The report therefore records which code the runs started from.
     """
     try:
         commit = subprocess.run(

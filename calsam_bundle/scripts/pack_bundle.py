@@ -29,7 +29,7 @@ logger = logging.getLogger("pack_bundle")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 MAX_FILE_BYTES = 25 * 1000 * 1000
-# ``train_state`` holds the resumable checkpoints of a training run (model, optimizer and trainer state, 47 MB each
+# ``train_state`` contains the resumable checkpoints of a training run (model, optimizer and trainer state, 47 MB each
 # for the quickstart), which are not part of a shared model.
 EXCLUDED_FOLDERS = {"cache", "eval", "data", "runs", "mlruns", "dist", "train_state", "__pycache__", ".pytest_cache"}
 EXCLUDED_SUFFIXES = {".pyc", ".pyo", ".tmp"}
