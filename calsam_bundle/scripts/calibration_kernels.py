@@ -1,29 +1,35 @@
-"""Compiled one-pass binning of top-label confidences, the inner loop of ECE, MCE and reliability diagrams.
+"""Compiled binning of top-label confidences, the inner loop of ECE, MCE and reliability diagrams.
 
 ``bin_sums(prob, label, mask, n_bins)`` reads every voxel once and adds it to its equal-width bin:
 
 - ``prob`` ``(K, N)`` float32 or float64, ``label`` ``(K, N)`` bool, ``mask`` ``(K, N)`` bool or ``None``;
 - returns ``count`` and ``correct`` ``(K, n_bins)`` int64 and ``conf_sum`` ``(K, n_bins)`` float64.
 
-Why a compiled loop: a tensor formulation needs about eight full passes over the volume (``1 - p``, the
+Why compiled loops: a tensor formulation needs about eight full passes over the volume (``1 - p``, the
 maximum, the comparison with the label, the bin index, its clamp, three bincounts) and allocates as many
 volume-sized temporaries. On a 240 x 240 x 155 x 3 volume those passes cost 5 to 10 times the time of one
-fused loop on the 2-core development machine. The loop also skips voxels outside ``mask`` where they lie,
-so a voxel set needs no gather.
+fused loop on the 2-core development machine. The loops also skip voxels outside ``mask`` where they lie,
+so a voxel set needs no gather, and only voxels inside it must hold probabilities.
+
+Two loops. float32 probabilities with at most ``calibration_packed_kernel.MAX_BINS`` bins, the usual case,
+take the vectorised loop of ``calibration_packed_kernel``. Other inputs take the scatter loop here, which
+adds each voxel to its bin in memory and works for any bin count and for float64.
 
 Exactness. For float32 ``prob`` the confidence ``c = max(p, 1 - p)`` is computed in float32, as the tensor code
 in ``calibration.py`` does, and lies in [0.5, 1]. There every float32 value is an integer multiple of
-``2**-24``. The kernel adds the integers ``c * 2**24``, held in float64. Their sum is exact while a bin's sum
+``2**-24``. Both loops add the integers ``c * 2**24``. Their sum is exact while a bin's sum
 stays below 2**53, that is for fewer than 2**29 voxels per bin, so the confidence sums do not depend on the
-order of the voxels. For float64 ``prob`` the sums are float64. The bin of ``c`` is
+order of the voxels or on the loop. For float64 ``prob`` the sums are float64. The bin of ``c`` is
 ``floor(c * n_bins)`` computed in float64, which is exact for float32 ``c``, with ``c = 1`` put in the last bin.
 
-Speed. Voxels alternate between two accumulator rows, so two consecutive voxels in the same bin do not wait
-for each other's memory update; background voxels, nearly all in the last bin, would otherwise form one long
-dependency chain. Correctness and the bin share one counter index (``2 * bin + correct``), which saves an
-update per voxel. ``numba`` compiles the loop on first use and caches the machine code beside this file
-(or in ``NUMBA_CACHE_DIR``). It is imported only then, and without numba the same sums come from numpy
-bincounts, several times slower, so an environment without it (MONAI Label's) still evaluates.
+Speed of the scatter loop. Voxels alternate between two accumulator rows, so two consecutive voxels in the
+same bin do not wait for each other's memory update. Without that, background voxels, nearly all in the last
+bin, would form one long dependency chain. Correctness and the bin share one counter index
+(``2 * bin + correct``), which saves an update per voxel.
+
+``numba`` compiles both loops on first use and caches the machine code beside this file (or in
+``NUMBA_CACHE_DIR``). It is imported only then, and without numba the same sums come from numpy bincounts,
+several times slower, so an environment without it (MONAI Label's) still evaluates.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import logging
 
 import numpy as np
 
+from . import calibration_packed_kernel
+
 logger = logging.getLogger(__name__)
 
 # c * 2**24 is an integer for every float32 c in [0.5, 1].
@@ -42,7 +50,7 @@ _LANES = 2
 # Voxels per parallel task: large enough that a task's start-up cost is negligible, small enough that a
 # BraTS volume (8.9 million voxels per channel) splits into several tasks per channel for two or more threads.
 _CHUNK_VOXELS = 1 << 20
-# ``range`` until ``_kernel`` imports numba and swaps in ``numba.prange``, so this module imports without numba.
+# ``range`` until ``_kernels`` imports numba and swaps in ``numba.prange``, so this module imports without numba.
 _prange = range
 
 
@@ -61,23 +69,44 @@ def bin_sums(
     prob = np.ascontiguousarray(prob)
     if prob.dtype not in (np.float32, np.float64):
         raise TypeError(f"prob must be float32 or float64 for binning, got {prob.dtype}; convert it first.")
-    scale = _FLOAT32_SCALE if prob.dtype == np.float32 else 1.0
-    kernel = _kernel()
-    if kernel is None:
+    kernels = _kernels()
+    if kernels is None:
         return _numpy_bin_sums(prob, label, mask if use_mask else None, n_bins)
-    n_voxels = prob.shape[1]
-    chunks = max(1, -(-n_voxels // _CHUNK_VOXELS))
-    hist = np.zeros((n_channels * chunks, _LANES, 2 * n_bins), dtype=np.int64)
-    conf = np.zeros((n_channels * chunks, _LANES, n_bins), dtype=np.float64)
+    chunks = max(1, -(-prob.shape[1] // _CHUNK_VOXELS))
     bad = np.full(n_channels * chunks, -1, dtype=np.int64)
-    with _threads_like_torch():
-        kernel(prob, label, mask, use_mask, n_bins, scale, _CHUNK_VOXELS, hist, conf, bad)
+    arguments = (prob, label, mask, use_mask, n_bins, chunks, bad)
+    if prob.dtype == np.float32 and n_bins <= calibration_packed_kernel.MAX_BINS:
+        sums = _packed_sums(kernels[1], *arguments)
+    else:
+        sums = _scatter_sums(kernels[0], *arguments)
     if (bad >= 0).any():
         first = int(bad[bad >= 0].min())
         raise ValueError(
             f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[first]} at flat index "
             f"{first}; apply a sigmoid to logits first."
         )
+    return sums
+
+
+def _packed_sums(kernel, prob, label, mask, use_mask, n_bins, chunks, bad):
+    """Run the packed loop and sum its per-task rows per channel."""
+    n_channels = prob.shape[0]
+    count, correct = (np.zeros((n_channels * chunks, n_bins), dtype=np.int64) for _ in range(2))
+    conf = np.zeros((n_channels * chunks, n_bins), dtype=np.float64)
+    with _threads_like_torch():
+        kernel(prob, label, mask, use_mask, n_bins, _CHUNK_VOXELS, count, correct, conf, bad)
+    count, conf, correct = (array.reshape(n_channels, chunks, n_bins).sum(axis=1) for array in (count, conf, correct))
+    return count, conf / _FLOAT32_SCALE, correct
+
+
+def _scatter_sums(kernel, prob, label, mask, use_mask, n_bins, chunks, bad):
+    """Run the scatter loop and sum its per-task, per-lane rows per channel."""
+    n_channels = prob.shape[0]
+    scale = _FLOAT32_SCALE if prob.dtype == np.float32 else 1.0
+    hist = np.zeros((n_channels * chunks, _LANES, 2 * n_bins), dtype=np.int64)
+    conf = np.zeros((n_channels * chunks, _LANES, n_bins), dtype=np.float64)
+    with _threads_like_torch():
+        kernel(prob, label, mask, use_mask, n_bins, scale, _CHUNK_VOXELS, hist, conf, bad)
     conf_sum = conf.reshape(n_channels, chunks * _LANES, n_bins).sum(axis=1) / scale
     pairs = hist.reshape(n_channels, chunks * _LANES, n_bins, 2).sum(axis=1)
     return pairs.sum(axis=2), conf_sum, pairs[:, :, 1].copy()
@@ -106,8 +135,8 @@ def _threads_like_torch():
 
 
 @functools.cache
-def _kernel():
-    """Compile the loop on first use, or load it from numba's cache; ``None`` when numba is not installed."""
+def _kernels():
+    """Compile both loops on first use or load them from numba's cache, or return ``None`` without numba."""
     global _prange
     try:
         import numba
@@ -115,13 +144,16 @@ def _kernel():
         logger.warning("numba is not installed: calibration bins use numpy, several times slower (pip install numba).")
         return None
     _prange = numba.prange
-    return numba.njit(cache=True, nogil=True, parallel=True)(_accumulate)
+    return numba.njit(cache=True, nogil=True, parallel=True)(_accumulate), calibration_packed_kernel.compile_loop(numba)
 
 
 def _numpy_bin_sums(prob, label, mask, n_bins):
     """Compute the same sums with numpy, for environments without numba (MONAI Label's, for one)."""
-    if not np.all((prob >= 0) & (prob <= 1)):  # NaN fails the comparisons too
-        bad = int(np.flatnonzero(~((prob >= 0) & (prob <= 1)))[0])
+    valid = (prob >= 0) & (prob <= 1)  # NaN fails the comparisons too
+    if mask is not None:
+        valid |= mask == 0  # as in the compiled loops, only the voxel set must hold probabilities
+    if not valid.all():
+        bad = int(np.flatnonzero(~valid)[0])
         raise ValueError(
             f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[bad]} at flat index "
             f"{bad}; apply a sigmoid to logits first."
