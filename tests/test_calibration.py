@@ -307,3 +307,34 @@ def test_integer_probabilities_raise():
 def test_zero_bins_raise():
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(torch.tensor([[0.5]]), torch.tensor([[True]]), n_bins=0)
+
+
+@pytest.mark.parametrize(
+    "metric", [compute_calibration, expected_calibration_error, brier_score, adaptive_calibration_error]
+)
+def test_metrics_check_only_the_voxel_set(metric):
+    # NaN outside the set is ignored, and the first bad value inside it is named at float32 precision.
+    prob = np.full((2, 100), 0.3, dtype=np.float32)
+    prob[0, 5] = np.nan
+    prob[1, 7] = -1e-7
+    mask = np.ones((2, 100), dtype=bool)
+    mask[0, 5] = False
+    with pytest.raises(ValueError, match=r"got the value -1e-07 at flat index 107;"):
+        metric(prob, prob > 0.5, mask)
+    mask[1, 7] = False
+    result = metric(prob, prob > 0.5, mask)
+    assert torch.isfinite(result.ece if metric is compute_calibration else result).all()
+
+
+def test_no_channels_give_empty_results():
+    result = compute_calibration(np.zeros((0, 5), np.float32), np.zeros((0, 5), bool))
+    assert result.ece.shape == (0,)
+    assert result.brier.shape == (0,)
+    assert result.ace.shape == (0,)
+
+
+def test_empty_set_gives_nan_for_every_metric():
+    prob = np.full((2, 50), 0.3, dtype=np.float32)
+    result = compute_calibration(prob, prob > 0.5, np.zeros((2, 50), dtype=bool))
+    for values in (result.ece, result.ace, result.mce, result.brier, result.nll):
+        assert torch.isnan(values).all()

@@ -102,3 +102,29 @@ def test_float64_probabilities_take_the_scatter_loop():
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-13)
     np.testing.assert_array_equal(got[2], expected[2])
+
+
+@pytest.mark.parametrize("n_bins", [10, 40])
+def test_bool_bytes_other_than_one_count_as_true(n_bins):
+    # A uint8 buffer viewed as bool may hold 2. numpy and torch read it as True, and so must the loops.
+    prob = np.full((1, 4), 0.99, dtype=np.float32)
+    twos = np.full((1, 4), 2, dtype=np.uint8).view(bool)
+    ones = np.ones((1, 4), dtype=bool)
+    _assert_same(
+        calibration_kernels.bin_sums(prob, twos, twos, n_bins), calibration_kernels.bin_sums(prob, ones, ones, n_bins)
+    )
+
+
+def test_invalid_value_under_mask_byte_two_is_named():
+    prob = np.full((1, 4), 0.3, dtype=np.float32)
+    prob[0, 2] = np.nan
+    mask = np.full((1, 4), 2, dtype=np.uint8).view(bool)
+    with pytest.raises(ValueError, match="got the value nan at flat index 2;"):
+        calibration_kernels.bin_sums(prob, mask, mask, 15)
+
+
+def test_no_channels_give_empty_sums():
+    count, conf_sum, correct = calibration_kernels.bin_sums(
+        np.zeros((0, 5), np.float32), np.zeros((0, 5), bool), None, 15
+    )
+    assert count.shape == conf_sum.shape == correct.shape == (0, 15)

@@ -11,7 +11,8 @@ The binned metrics use the top-label view of a binary prediction: the prediction
 confidence is ``c = max(prob, 1 - prob)`` and it is correct when it equals the label. Bins are equal-width
 over [0, 1] although ``c`` never falls below 0.5, so bin ``k`` contains ``k / n_bins <= c < (k + 1) / n_bins``
 and confidence 1.0 joins the last bin. ``c * n_bins`` is computed in float64, which is exact for float32
-``c``, so a confidence equal to an edge goes to the upper bin.
+``c``, so a confidence equal to an edge goes to the upper bin. For float64 ``prob`` the product is rounded,
+so a confidence less than about 1e-16 below an edge can join the upper bin as well.
 
 Bin statistics come from one compiled pass over the voxels (``calibration_kernels.bin_sums``), which reads
 the voxel set's mask in place instead of gathering its voxels; Brier score and NLL are tensor sums over the
@@ -30,7 +31,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 
-from .calibration_kernels import bin_sums
+from .calibration_kernels import bin_sums, invalid_probability
 
 DEFAULT_N_BINS = 15
 
@@ -145,10 +146,15 @@ def _as_tensor(name: str, value) -> torch.Tensor:
 
 
 def _check_inputs(prob, label, mask, *, check_range: bool = True):
-    """Validate ``(K, N)`` inputs and return them as tensors: floating ``prob``, bool ``label`` and ``mask``."""
-    prob = as_probability_tensor("prob", prob) if check_range else _as_tensor("prob", prob)
+    """Validate ``(K, N)`` inputs and return them as tensors: floating ``prob``, bool ``label`` and ``mask``.
+
+    Only the voxels of the set must hold probabilities, as in the binning loops, which check them on the way.
+    """
+    prob = _as_tensor("prob", prob)
     if not prob.is_floating_point():
         raise TypeError(f"prob must contain floating-point probabilities, got dtype {prob.dtype}.")
+    if prob.dtype in (torch.float16, torch.bfloat16):
+        prob = prob.float()  # all their values are exact in float32
     label = as_bool_tensor("label", label)
     if prob.ndim != 2:
         raise ValueError(f"prob must have shape (K, N), one flattened row per region channel, got {tuple(prob.shape)}.")
@@ -162,6 +168,13 @@ def _check_inputs(prob, label, mask, *, check_range: bool = True):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}, but it must match the shape {tuple(prob.shape)} of prob."
             )
+    if check_range:
+        valid = (prob >= 0) & (prob <= 1)  # NaN fails both comparisons
+        if mask is not None:
+            valid |= ~mask
+        if not bool(valid.all()):
+            first = int(torch.nonzero(~valid.reshape(-1))[0])
+            raise invalid_probability(prob.reshape(-1)[first].cpu().numpy(), first)
     return prob, label, mask
 
 
@@ -212,6 +225,9 @@ def _top_label(prob: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _sum_losses(voxels: _Voxels, eps: float = NLL_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Return per-channel sums of squared errors and of log losses, each ``(K,)`` float64."""
+    if voxels.prob.numel() == 0:  # segment_reduce rejects empty input, and sums over no voxels are 0
+        zeros = torch.zeros(len(voxels.counts), dtype=torch.float64)
+        return zeros, zeros.clone()
     # Channels are consecutive segments of the flat voxels, so segment sums give per-channel totals.
     prob = voxels.prob.double()
     squared_error = torch.segment_reduce((prob - voxels.label.double()).square_(), "sum", lengths=voxels.counts)

@@ -69,6 +69,9 @@ def bin_sums(
     prob = np.ascontiguousarray(prob)
     if prob.dtype not in (np.float32, np.float64):
         raise TypeError(f"prob must be float32 or float64 for binning, got {prob.dtype}; convert it first.")
+    if n_channels == 0:  # the loops split their work per channel
+        empty = np.zeros((0, n_bins), dtype=np.int64)
+        return empty, empty.astype(np.float64), empty.copy()
     kernels = _kernels()
     if kernels is None:
         return _numpy_bin_sums(prob, label, mask if use_mask else None, n_bins)
@@ -81,10 +84,7 @@ def bin_sums(
         sums = _scatter_sums(kernels[0], *arguments)
     if (bad >= 0).any():
         first = int(bad[bad >= 0].min())
-        raise ValueError(
-            f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[first]} at flat index "
-            f"{first}; apply a sigmoid to logits first."
-        )
+        raise invalid_probability(prob.reshape(-1)[first], first)
     return sums
 
 
@@ -110,6 +110,16 @@ def _scatter_sums(kernel, prob, label, mask, use_mask, n_bins, chunks, bad):
     conf_sum = conf.reshape(n_channels, chunks * _LANES, n_bins).sum(axis=1) / scale
     pairs = hist.reshape(n_channels, chunks * _LANES, n_bins, 2).sum(axis=1)
     return pairs.sum(axis=2), conf_sum, pairs[:, :, 1].copy()
+
+
+def invalid_probability(value, flat_index: int) -> ValueError:
+    """Return the error for the first voxel of a set that holds no probability (NaN or outside [0, 1])."""
+    # str() of a numpy scalar prints a float32 at its own precision, and format() would widen it to float64.
+    value = str(np.asarray(value)[()])
+    return ValueError(
+        f"prob must contain probabilities in [0, 1], got the value {value} at flat index {flat_index}; "
+        "apply a sigmoid to logits first."
+    )
 
 
 @contextlib.contextmanager
@@ -154,10 +164,7 @@ def _numpy_bin_sums(prob, label, mask, n_bins):
         valid |= mask == 0  # as in the compiled loops, only the voxel set must hold probabilities
     if not valid.all():
         bad = int(np.flatnonzero(~valid)[0])
-        raise ValueError(
-            f"prob must contain probabilities in [0, 1], got the value {prob.reshape(-1)[bad]} at flat index "
-            f"{bad}; apply a sigmoid to logits first."
-        )
+        raise invalid_probability(prob.reshape(-1)[bad], bad)
     n_channels = prob.shape[0]
     count = np.zeros((n_channels, n_bins), dtype=np.int64)
     conf_sum = np.zeros((n_channels, n_bins))
@@ -196,7 +203,7 @@ def _accumulate(prob, label, mask, use_mask, n_bins, scale, chunk, hist, conf, b
             c = max(q, one - q)
             wide = np.float64(c)
             b = min(int(wide * n_bins), n_bins - 1)
-            correct = np.int64(q >= half) ^ np.int64(labels[i]) ^ 1
+            correct = np.int64(q >= half) ^ np.int64(labels[i] != 0) ^ 1
             lane = i & 1
             hist[task, lane, 2 * b + correct] += 1
             conf[task, lane, b] += wide * scale

@@ -91,14 +91,14 @@ def _pack(probs, labels, masks, use_mask, n_bins, bins, packed):
     invalid = 0
     for i in range(probs.shape[0]):
         q = probs[i]
-        inside = np.int64(masks[i]) if use_mask else np.int64(1)
+        inside = np.int64(masks[i] != 0) if use_mask else np.int64(1)
         # Comparisons instead of ``and``: a branch would stop the vectorisation. NaN fails both.
         invalid += (np.int64((q >= zero) & (q <= one)) ^ 1) & inside
         c = max(q, one - q)
         # float64 product: exact for float32 c, so a confidence on an edge goes to the upper bin.
         b = min(np.int64(np.float64(c) * width), top)
         bins[i] = b | (inside - 1)  # -1 outside the voxel set
-        correct = np.uint64(np.int64(q >= half) ^ np.int64(labels[i]) ^ 1)
+        correct = np.uint64(np.int64(q >= half) ^ np.int64(labels[i] != 0) ^ 1)
         packed[i] = np.uint64(np.int32(c * scale)) + (correct << np.uint64(_OK_SHIFT)) + np.uint64(1 << _COUNT_SHIFT)
     return invalid
 
