@@ -333,7 +333,7 @@ def test_no_channels_give_empty_results():
     assert result.ace.shape == (0,)
 
 
-def test_empty_set_gives_nan_for_every_metric():
+def test_empty_set_nan_every_metric():
     prob = np.full((2, 50), 0.3, dtype=np.float32)
     result = compute_calibration(prob, prob > 0.5, np.zeros((2, 50), dtype=bool))
     for values in (result.ece, result.ace, result.mce, result.brier, result.nll):

@@ -55,7 +55,7 @@ def test_confidences_on_bin_edges_go_up(n_bins):
     _assert_same(calibration_kernels.bin_sums(prob, label, None, n_bins), expected)
 
 
-def test_full_block_of_confidence_one_sums_exactly():
+def test_full_block_at_one_exact():
     prob = np.ones((1, 3 * BLOCK), dtype=np.float32)
     label = np.zeros((1, 3 * BLOCK), dtype=bool)
     label[0, ::3] = True
@@ -68,7 +68,7 @@ def test_full_block_of_confidence_one_sums_exactly():
 
 @pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("n_bins", [15, 40])
-def test_invalid_probability_outside_voxel_set_is_ignored(n_bins):
+def test_invalid_outside_set_ignored(n_bins):
     prob, label, mask = _case(6 * BLOCK, seed=1)
     prob[1, 5000] = np.nan
     prob[2, 7000] = 1.5
@@ -93,7 +93,7 @@ def test_first_invalid_probability_is_named(n_bins, masked):
         calibration_kernels.bin_sums(prob, label, mask if masked else None, n_bins)
 
 
-def test_float64_probabilities_take_the_scatter_loop():
+def test_float64_takes_scatter_loop():
     # float64 confidences are no multiples of 2**-24, so the packed loop must not see them.
     prob, label, _ = _case(4 * BLOCK, seed=3, dtype=np.float64)
     prob[0, :10] = 0.5 + 2.0**-40
@@ -105,7 +105,7 @@ def test_float64_probabilities_take_the_scatter_loop():
 
 
 @pytest.mark.parametrize("n_bins", [10, 40])
-def test_bool_bytes_other_than_one_count_as_true(n_bins):
+def test_bool_byte_two_counts_true(n_bins):
     # A uint8 buffer viewed as bool may hold 2. numpy and torch read it as True, and so must the loops.
     prob = np.full((1, 4), 0.99, dtype=np.float32)
     twos = np.full((1, 4), 2, dtype=np.uint8).view(bool)
@@ -115,7 +115,7 @@ def test_bool_bytes_other_than_one_count_as_true(n_bins):
     )
 
 
-def test_invalid_value_under_mask_byte_two_is_named():
+def test_nan_under_mask_byte_two_named():
     prob = np.full((1, 4), 0.3, dtype=np.float32)
     prob[0, 2] = np.nan
     mask = np.full((1, 4), 2, dtype=np.uint8).view(bool)

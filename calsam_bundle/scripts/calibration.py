@@ -196,9 +196,7 @@ def _gather(prob: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None) 
 
 
 def _bin_statistics(prob: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None, n_bins: int) -> BinStatistics:
-    """Bin checked ``(K, N)`` tensors in one compiled pass; the pass itself rejects NaN and values outside [0, 1]."""
-    if prob.dtype not in (torch.float32, torch.float64):
-        prob = prob.float()  # float16 and bfloat16 values are all exact in float32
+    """Bin checked ``(K, N)`` tensors in one compiled pass, which itself rejects NaN and values outside [0, 1]."""
     # The kernel runs on the CPU; probabilities evaluated on a GPU are copied once.
     count, conf_sum, correct = bin_sums(
         prob.cpu().numpy(), label.cpu().numpy(), None if mask is None else mask.cpu().numpy(), n_bins
@@ -453,7 +451,8 @@ def compute_calibration(prob, label, mask=None, n_bins: int = DEFAULT_N_BINS) ->
     Arguments and errors are those of ``bin_statistics``.
     """
     n_bins = _validate_n_bins(n_bins)
-    prob, label, mask = _check_inputs(prob, label, mask)
+    # The binning pass checks the probabilities of the set before anything else reads them.
+    prob, label, mask = _check_inputs(prob, label, mask, check_range=False)
     bins = _bin_statistics(prob, label, mask, n_bins)
     voxels = _gather(prob, label, mask)
     squared_error, log_loss = _sum_losses(voxels)

@@ -48,7 +48,7 @@ def accumulate_packed(prob, label, mask, use_mask, n_bins, chunk, count, correct
     n_channels, n_voxels = prob.shape
     chunks = count.shape[0] // n_channels
     first_bin = n_bins // 2
-    none = np.uint64(0)
+    zero_word = np.uint64(0)
     for task in _prange(n_channels * chunks):
         k = task // chunks
         start = (task % chunks) * chunk
@@ -69,12 +69,12 @@ def accumulate_packed(prob, label, mask, use_mask, n_bins, chunk, count, correct
             # Two bins per pass read each word once for both.
             for low in range(first_bin, n_bins, 2):
                 high = low + 1
-                low_sum = none
-                high_sum = none
+                low_sum = zero_word
+                high_sum = zero_word
                 for i in range(n):
                     word = packed[i]
-                    low_sum += word if bins[i] == low else none
-                    high_sum += word if bins[i] == high else none
+                    low_sum += word if bins[i] == low else zero_word
+                    high_sum += word if bins[i] == high else zero_word
                 _unpack(low_sum, task, low, count, correct, conf)
                 if high < n_bins:
                     _unpack(high_sum, task, high, count, correct, conf)
@@ -125,7 +125,7 @@ def _first_invalid(probs, masks, use_mask):
 
 
 def compile_loop(numba):
-    """Return the compiled ``accumulate_packed``; its helpers are compiled inline into it."""
+    """Return the compiled ``accumulate_packed``, with its helpers compiled inline into it."""
     global _prange, _pack, _unpack, _sum_bytes, _first_invalid
     _prange = numba.prange
     inline = numba.njit(inline="always")
